@@ -1,0 +1,3 @@
+from prosaas_migrate.cli import main
+
+main()

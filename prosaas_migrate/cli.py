@@ -1,0 +1,96 @@
+"""Click wiring only: options, .env loading, domain errors -> one line and an exit code."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import click
+
+from prosaas_migrate import __version__, config, logs, runner
+from prosaas_migrate.errors import Interrupted, LockLost, MigrateError, MigrationFailed
+
+
+def load_dotenv_file(environ: dict[str, str] | os._Environ[str], path: Path) -> set[str]:
+    """Add .env's variables that are not really set; return the names it supplied."""
+    if not path.is_file():
+        return set()
+    from dotenv import dotenv_values
+
+    supplied = {
+        name: value
+        for name, value in dotenv_values(path).items()
+        if value is not None and name not in environ
+    }
+    environ.update(supplied)
+    return set(supplied)
+
+
+def _tolerate_unencodable_output() -> None:
+    # Under LC_ALL=C or PYTHONIOENCODING=ascii an emoji would raise; print '?' instead.
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="replace")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="prosaas-migrate")
+def main() -> None:
+    """Run Alembic migrations from one designated container, then start its service.
+
+    Configuration comes from the environment (and a .env file in the working folder); see
+    `prosaas-migrate run --help` and the README.
+
+    \b
+    Example:
+        RUN_MIGRATIONS=1 prosaas-migrate run -- gunicorn app:app
+    """
+    _tolerate_unencodable_output()
+    load_dotenv_file(os.environ, Path.cwd() / ".env")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option(
+    "--config",
+    "-c",
+    "config_path",
+    metavar="PATH",
+    help="Alembic ini file (default: $ALEMBIC_CONFIG, then ./alembic.ini).",
+)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def run(config_path: str | None, command: tuple[str, ...]) -> NoReturn:
+    """Migrate under the advisory lock (when enabled), then exec COMMAND.
+
+    Only the container with RUN_MIGRATIONS=1 (or the legacy RUN_MIGRATIONS_ON_START=1, or
+    SERVICE_ROLE=api) migrates; every other one execs COMMAND at once. A lock that cannot be
+    had within MIGRATION_LOCK_WAIT_SECONDS is skipped, never a crash. Without COMMAND, exit with
+    the outcome (a one-off migration job).
+
+    \b
+    Example:
+        RUN_MIGRATIONS=1 DATABASE_URL=postgresql://app@db/app \\
+            prosaas-migrate run -- gunicorn app:app
+    """
+    try:
+        settings = config.load(os.environ, config_option=config_path)
+        code = runner.run(settings, command, hostname=socket.gethostname())
+    except MigrateError as exc:
+        _report(exc)
+        sys.exit(exc.exit_code)
+    except Interrupted as exc:
+        logs.interrupted(exc.signal_name)
+        sys.exit(exc.exit_code)
+    sys.exit(code)
+
+
+def _report(exc: MigrateError) -> None:
+    if isinstance(exc, MigrationFailed):
+        logs.migration_failed(exc.revision, exc.cause)
+    elif isinstance(exc, LockLost):
+        logs.lock_lost(exc.key, exc.reason)
+    else:
+        logs.error(str(exc))

@@ -1,0 +1,205 @@
+"""Turn an environment mapping into frozen Settings; a bad value raises ConfigError naming it."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from prosaas_migrate.errors import ConfigError
+
+RUN_VARIABLES = ("RUN_MIGRATIONS", "RUN_MIGRATIONS_ON_START")
+URL_VARIABLES = ("MIGRATION_DATABASE_URL", "DATABASE_URL")
+MIGRATING_ROLES = frozenset({"api", "prosaas-api"})
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+_FLAG_GRAMMAR = "1 or 0 (also true/false, yes/no, on/off in any case; empty means unset)"
+
+DEFAULT_LOCK_WAIT_SECONDS = 30
+DEFAULT_STATEMENT_TIMEOUT = "120s"
+DEFAULT_ALEMBIC_CONFIG = "alembic.ini"
+# The advisory-lock key is derived from this name, so two Alembic histories with different
+# version tables in one database never block each other. See default_lock_key().
+DEFAULT_VERSION_TABLE = "public.alembic_version"
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_INT32_MAX = 2**31 - 1  # statement_timeout's upper bound, in milliseconds
+
+# PostgreSQL's own grammar for a time setting: a number, optional spaces, an optional unit.
+# Units are case-sensitive there ("120S" is rejected), and a bare number means milliseconds.
+_DURATION = re.compile(r"[ \t]*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)[ \t]*(us|ms|s|min|h|d)?[ \t]*")
+_MS_PER_UNIT = {"us": 0.001, "ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
+_DURATION_GRAMMAR = (
+    "a PostgreSQL duration: a number with an optional unit us, ms, s, min, h or d "
+    "(120s, 2min, 0.5h, 1500ms; no unit means ms; 0 means no timeout), at most 2147483647ms"
+)
+_URL_SCHEMES = ("postgres", "postgresql", "postgresql+psycopg")
+_URL_GRAMMAR = "a postgresql://user:password@host:port/dbname URL (postgres:// also accepted)"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything `run` and `status` need to know, resolved from the environment alone."""
+
+    run: bool
+    decided_by: str  # the variable that decided, or "default"
+    decided_value: str | None
+    lock_wait_seconds: int
+    statement_timeout: str  # as configured, for the log line
+    statement_timeout_ms: int  # what is sent to the server
+    lock_key: int
+    lock_key_source: str  # "MIGRATION_LOCK_KEY" or "default"
+    database_url: str | None  # as set; checked only when migrating (the app may use another driver)
+    database_url_source: str | None  # the variable it came from
+    alembic_config: str
+    alembic_config_source: str  # "--config", "ALEMBIC_CONFIG" or "default"
+
+
+def load(environ: Mapping[str, str], *, config_option: str | None = None) -> Settings:
+    """Resolve settings from environ alone; raise ConfigError naming the first bad variable."""
+    run, decided_by, decided_value = decide_run(environ)
+    timeout_text = _value(environ, "MIGRATION_STATEMENT_TIMEOUT") or DEFAULT_STATEMENT_TIMEOUT
+    key_text = _value(environ, "MIGRATION_LOCK_KEY")
+    url_source, url = _database_url(environ)
+    if config_option is not None:
+        alembic_config, alembic_source = config_option, "--config"
+    elif alembic_env := _value(environ, "ALEMBIC_CONFIG"):
+        alembic_config, alembic_source = alembic_env, "ALEMBIC_CONFIG"
+    else:
+        alembic_config, alembic_source = DEFAULT_ALEMBIC_CONFIG, "default"
+    return Settings(
+        run=run,
+        decided_by=decided_by,
+        decided_value=decided_value,
+        lock_wait_seconds=parse_wait_seconds(
+            "MIGRATION_LOCK_WAIT_SECONDS", _value(environ, "MIGRATION_LOCK_WAIT_SECONDS")
+        ),
+        statement_timeout=timeout_text.strip(),
+        statement_timeout_ms=parse_duration_ms("MIGRATION_STATEMENT_TIMEOUT", timeout_text),
+        lock_key=default_lock_key() if key_text is None else parse_lock_key(key_text),
+        lock_key_source="default" if key_text is None else "MIGRATION_LOCK_KEY",
+        database_url=url,
+        database_url_source=url_source,
+        alembic_config=alembic_config,
+        alembic_config_source=alembic_source,
+    )
+
+
+def decide_run(environ: Mapping[str, str]) -> tuple[bool, str, str | None]:
+    """Apply the precedence RUN_MIGRATIONS > RUN_MIGRATIONS_ON_START > SERVICE_ROLE > skip."""
+    for variable in RUN_VARIABLES:
+        value = _value(environ, variable)
+        if value is not None:
+            return parse_flag(variable, value), variable, value
+    role = _value(environ, "SERVICE_ROLE")
+    if role is not None:
+        return role.strip().lower() in MIGRATING_ROLES, "SERVICE_ROLE", role
+    return False, "default", None
+
+
+def parse_flag(variable: str, value: str) -> bool:
+    """Read a yes/no variable with the grammar the design note and its users already use."""
+    word = value.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ConfigError(variable, value, _FLAG_GRAMMAR)
+
+
+def parse_wait_seconds(variable: str, value: str | None) -> int:
+    """Whole, non-negative seconds; unset means the default."""
+    if value is None:
+        return DEFAULT_LOCK_WAIT_SECONDS
+    if not re.fullmatch(r"[0-9]+", value.strip()):
+        raise ConfigError(variable, value, "whole seconds, 0 or more (0 means one try)")
+    return int(value.strip())
+
+
+def parse_duration_ms(variable: str, value: str) -> int:
+    """Milliseconds for a duration PostgreSQL itself would accept for statement_timeout."""
+    match = _DURATION.fullmatch(value)
+    if not match:
+        raise ConfigError(variable, value, _DURATION_GRAMMAR)
+    number, unit = float(match.group(1)), match.group(2) or "ms"
+    ms = round(number * _MS_PER_UNIT[unit])
+    if ms > _INT32_MAX or (ms == 0 and number != 0):
+        # Rounding a tiny value down to 0 would silently switch the timeout off.
+        raise ConfigError(variable, value, _DURATION_GRAMMAR)
+    return ms
+
+
+def parse_lock_key(value: str) -> int:
+    """A signed 64-bit integer, the only kind pg_try_advisory_lock(bigint) takes."""
+    text = value.strip()
+    if not re.fullmatch(r"-?[0-9]+", text) or not _INT64_MIN <= int(text) <= _INT64_MAX:
+        raise ConfigError(
+            "MIGRATION_LOCK_KEY", value, f"a signed 64-bit integer ({_INT64_MIN} to {_INT64_MAX})"
+        )
+    return int(text)
+
+
+def default_lock_key(version_table: str = DEFAULT_VERSION_TABLE) -> int:
+    """The first 8 bytes of SHA-256 of 'prosaas-migrate:<schema.table>', as a signed integer."""
+    digest = hashlib.sha256(f"prosaas-migrate:{version_table}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def check_database_url(variable: str, url: str) -> str:
+    """Return the URL in the postgresql:// form psycopg takes, or raise naming the variable."""
+    scheme, sep, rest = url.strip().partition("://")
+    if not sep or scheme.lower() not in _URL_SCHEMES:
+        raise ConfigError(variable, redact_url(url), _URL_GRAMMAR)
+    normalised = f"postgresql://{rest}"
+    try:
+        urlsplit(normalised).port  # noqa: B018 - raises ValueError on a port that is no number
+    except ValueError:
+        raise ConfigError(variable, redact_url(url), _URL_GRAMMAR) from None
+    return normalised
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by ***, safe to log."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{hostpart}"
+
+
+def migration_url(settings: Settings, ini_url: str | None) -> str:
+    """The URL to migrate with: MIGRATION_DATABASE_URL > DATABASE_URL > the ini's sqlalchemy.url."""
+    if settings.database_url is not None and settings.database_url_source is not None:
+        return check_database_url(settings.database_url_source, settings.database_url)
+    if ini_url is None or not ini_url.strip():
+        raise ConfigError("DATABASE_URL", None, f"{_URL_GRAMMAR} (or MIGRATION_DATABASE_URL)")
+    scheme = ini_url.strip().partition("://")[0].lower()
+    if scheme not in _URL_SCHEMES:
+        # Most often the driver://user:pass@localhost/dbname placeholder from `alembic init`.
+        raise ConfigError(
+            "DATABASE_URL",
+            None,
+            f"{_URL_GRAMMAR}; sqlalchemy.url in {settings.alembic_config} is not one "
+            f"({redact_url(ini_url)!r})",
+        )
+    return check_database_url("DATABASE_URL", ini_url)
+
+
+def _database_url(environ: Mapping[str, str]) -> tuple[str | None, str | None]:
+    for variable in URL_VARIABLES:
+        value = _value(environ, variable)
+        if value is not None:
+            return variable, value
+    return None, None
+
+
+def _value(environ: Mapping[str, str], variable: str) -> str | None:
+    """The variable's value, with empty or blank treated as unset (as Compose leaves them)."""
+    value = environ.get(variable)
+    return value if value is not None and value.strip() else None

@@ -1,0 +1,97 @@
+"""Connecting: retries within the wait budget, application_name, a verified statement_timeout."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+
+from prosaas_migrate import logs
+from prosaas_migrate.config import parse_duration_ms, redact_url
+from prosaas_migrate.errors import DatabaseUnreachable, SessionSettingRejected
+
+# libpq's connect_timeout: at least 2 s (it treats less as 2), and short, so that one attempt
+# never eats the whole wait budget while the server is still starting.
+_ATTEMPT_TIMEOUT_SECONDS = 3
+_RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0)
+
+
+def application_name(hostname: str) -> str:
+    """The name every connection carries, so a waiting container can say who holds the lock."""
+    return f"prosaas-migrate:{hostname}"
+
+
+def connect(
+    url: str,
+    *,
+    app_name: str,
+    deadline: float,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> psycopg.Connection[Any]:
+    """An autocommit connection, retrying a refused or failed attempt until `deadline`."""
+    started = clock()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return psycopg.connect(
+                url,
+                autocommit=True,
+                application_name=app_name,
+                connect_timeout=_ATTEMPT_TIMEOUT_SECONDS,
+            )
+        except psycopg.OperationalError as exc:
+            reason = _first_line(str(exc), url)
+            remaining = deadline - clock()
+            if remaining <= 0:
+                raise DatabaseUnreachable(
+                    redact_url(url), clock() - started, attempt, reason
+                ) from None
+            logs.connect_retry(redact_url(url), attempt, reason, remaining)
+            sleep(min(_RETRY_DELAYS[min(attempt, len(_RETRY_DELAYS)) - 1], remaining))
+
+
+def set_session_settings(
+    dbapi_connection: psycopg.Connection[Any], statement_timeout_ms: int, app_name: str
+) -> None:
+    """Set statement_timeout and application_name for the session, outside any transaction.
+
+    Run on every new connection (ours and any engine a project's env.py builds): unlike libpq's
+    `options` startup parameter, this survives PgBouncer, and in autocommit no rollback undoes it.
+    """
+    previous = dbapi_connection.autocommit
+    if not previous:
+        dbapi_connection.rollback()
+        dbapi_connection.autocommit = True
+    try:
+        dbapi_connection.execute(
+            "SELECT set_config('statement_timeout', %s, false),"
+            " set_config('application_name', %s, false)",
+            [str(statement_timeout_ms), app_name],
+        )
+    finally:
+        dbapi_connection.autocommit = previous
+
+
+def verify_statement_timeout(conn: psycopg.Connection[Any], wanted: str, wanted_ms: int) -> None:
+    """Check with SHOW that the server kept the timeout; it may print 2min for 120s."""
+    row = conn.execute("SHOW statement_timeout").fetchone()
+    shown = str(row[0]) if row else ""
+    if parse_duration_ms("statement_timeout", shown) != wanted_ms:
+        raise SessionSettingRejected("statement_timeout", wanted, shown)
+
+
+def _first_line(message: str, url: str) -> str:
+    """The useful part of a libpq error, with no chance of echoing the URL's password."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    text = "; ".join(lines) or "unknown error"
+    password = _password(url)
+    return text.replace(password, "***") if password else text
+
+
+def _password(url: str) -> str | None:
+    userinfo, at, _ = url.partition("://")[2].rpartition("@")
+    return userinfo.split(":", 1)[1] if at and ":" in userinfo else None

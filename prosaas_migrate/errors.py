@@ -1,0 +1,113 @@
+"""The error classes and the one exit-code table; each message is written here, once."""
+
+from __future__ import annotations
+
+import signal
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """What the process exits with before it execs the service (after exec, the service's own)."""
+
+    OK = 0
+    MIGRATION_FAILED = 1
+    USAGE = 2
+    UNREACHABLE = 3
+    NOT_AT_HEAD = 4
+    NOT_EXECUTABLE = 126
+    NOT_FOUND = 127
+    SIGINT = 128 + signal.SIGINT
+    SIGTERM = 128 + signal.SIGTERM
+
+
+class MigrateError(Exception):
+    """Base of every error the tool reports as one line and an exit code."""
+
+    exit_code: ExitCode = ExitCode.MIGRATION_FAILED
+
+
+class ConfigError(MigrateError):
+    """A variable or argument holds a value the tool cannot use."""
+
+    exit_code = ExitCode.USAGE
+
+    def __init__(self, variable: str, value: str | None, expected: str) -> None:
+        self.variable = variable
+        self.value = value
+        self.expected = expected
+        shown = "not set" if value is None else f"{value!r} is invalid"
+        super().__init__(f"{variable}: {shown}; expected {expected}")
+
+
+class DatabaseUnreachable(MigrateError):
+    """No connection could be made within the wait budget."""
+
+    exit_code = ExitCode.UNREACHABLE
+
+    def __init__(self, url: str, waited: float, attempts: int, reason: str) -> None:
+        self.url = url
+        self.waited = waited
+        self.attempts = attempts
+        self.reason = reason
+        super().__init__(
+            f"database unreachable at {url} after {attempts} attempt(s) in {waited:.1f}s: {reason}"
+        )
+
+
+class SessionSettingRejected(MigrateError):
+    """The server did not keep a session setting the migration depends on."""
+
+    exit_code = ExitCode.MIGRATION_FAILED
+
+    def __init__(self, name: str, wanted: str, shown: str) -> None:
+        self.name = name
+        self.wanted = wanted
+        self.shown = shown
+        super().__init__(f"{name} is {shown!r} on the server, not {wanted!r} as configured")
+
+
+class MigrationFailed(MigrateError):
+    """A revision raised, or the upgrade did not leave the database at head."""
+
+    exit_code = ExitCode.MIGRATION_FAILED
+
+    def __init__(self, revision: str | None, cause: str) -> None:
+        self.revision = revision
+        self.cause = cause
+        where = f"revision {revision}" if revision else "upgrade"
+        super().__init__(f"{where} failed: {cause}")
+
+
+class LockLost(MigrateError):
+    """The advisory lock was not ours any more when we released it."""
+
+    exit_code = ExitCode.MIGRATION_FAILED
+
+    def __init__(self, key: int, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        super().__init__(f"migration lock {key} was lost: {reason}")
+
+
+class ExecFailed(MigrateError):
+    """The service command could not be started."""
+
+    def __init__(self, command: str, errno_name: str, strerror: str, not_found: bool) -> None:
+        self.command = command
+        self.strerror = strerror
+        self.exit_code = ExitCode.NOT_FOUND if not_found else ExitCode.NOT_EXECUTABLE
+        super().__init__(f"cannot exec {command}: {strerror} ({errno_name})")
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT arrived before exec.
+
+    A KeyboardInterrupt subclass on purpose: psycopg cancels the running statement on the server
+    when one interrupts a query, and `except Exception` in a project's env.py cannot swallow it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {self.signal_name}")

@@ -1,0 +1,133 @@
+"""The advisory lock: try, poll until a deadline, name the holder, release."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from prosaas_migrate import logs
+from prosaas_migrate.errors import LockLost
+
+# A freed lock is taken within a few hundred ms; the jitter keeps many waiters from polling in step.
+POLL_INTERVAL = (0.05, 0.25)
+REPORT_EVERY_SECONDS = 5.0
+
+# pg_locks shows a bigint advisory key as classid (high 32 bits) and objid (low 32 bits) with
+# objsubid 1. Rebuilding the key as bigint on the pg_locks side avoids int4 shifts that wrap.
+_HOLDER_SQL = """
+SELECT a.pid, a.application_name, a.client_addr::text,
+       extract(epoch FROM now() - a.backend_start)::float8,
+       a.state,
+       extract(epoch FROM now() - a.query_start)::float8
+  FROM pg_locks l
+  JOIN pg_stat_activity a ON a.pid = l.pid
+ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+   AND ((l.classid::int8 << 32) | l.objid::int8) = %s::int8
+"""
+
+
+@dataclass(frozen=True)
+class Holder:
+    """The session that holds the lock, as pg_stat_activity shows it."""
+
+    pid: int
+    application_name: str
+    client_addr: str | None
+    connected_for: float
+    state: str | None
+    state_for: float | None
+
+    def describe(self) -> str:
+        where = self.client_addr or "local socket"
+        text = (
+            f"pid {self.pid} ({self.application_name or 'no application_name'}, {where}), "
+            f"connected {self.connected_for:.0f}s"
+        )
+        if self.state:
+            text += f", {self.state}"
+            if self.state_for is not None:
+                text += f" query started {self.state_for:.0f}s ago"
+        return text
+
+
+def try_acquire(conn: psycopg.Connection[Any], key: int) -> bool:
+    row = conn.execute("SELECT pg_try_advisory_lock(%s::int8)", [key]).fetchone()
+    return bool(row and row[0])
+
+
+def holder(conn: psycopg.Connection[Any], key: int) -> Holder | None:
+    row = conn.execute(_HOLDER_SQL, [key]).fetchone()
+    return Holder(*row) if row else None
+
+
+def acquire_within(
+    conn: psycopg.Connection[Any],
+    key: int,
+    deadline: float,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    jitter: Callable[[float, float], float] = random.uniform,
+) -> tuple[bool, float]:
+    """Poll pg_try_advisory_lock until `deadline`; return (acquired, seconds waited).
+
+    Polling in autocommit keeps no transaction (and no snapshot) open while waiting, which a
+    blocking pg_advisory_lock would, stalling CREATE INDEX CONCURRENTLY in the holder.
+    """
+    started = clock()
+    next_report = started
+    while True:
+        if try_acquire(conn, key):
+            return True, clock() - started
+        now = clock()
+        if now >= deadline:
+            return False, now - started
+        if now >= next_report:
+            logs.waiting(key, now - started, holder(conn, key))
+            next_report = now + REPORT_EVERY_SECONDS
+        sleep(min(jitter(*POLL_INTERVAL), max(deadline - now, 0.0)))
+
+
+def release(conn: psycopg.Connection[Any], key: int) -> None:
+    """Unlock; raise LockLost when the server says the lock was not ours any more."""
+    try:
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            conn.rollback()
+        conn.autocommit = True
+        row = conn.execute("SELECT pg_advisory_unlock(%s::int8)", [key]).fetchone()
+    except psycopg.Error as exc:
+        raise LockLost(key, f"the lock connection failed: {str(exc).strip()}") from exc
+    if not (row and row[0]):
+        raise LockLost(key, "pg_advisory_unlock returned false")
+    logs.lock_released(key)
+
+
+@contextmanager
+def held(
+    conn: psycopg.Connection[Any],
+    key: int,
+    deadline: float,
+    **waiting: Any,
+) -> Iterator[tuple[bool, float]]:
+    """Yield (acquired, waited); release on the way out without hiding the body's own error."""
+    acquired, waited = acquire_within(conn, key, deadline, **waiting)
+    if not acquired:
+        yield False, waited
+        return
+    logs.lock_acquired(key, waited)
+    try:
+        yield True, waited
+    except BaseException:
+        try:
+            release(conn, key)
+        except LockLost as lost:
+            logs.lock_lost(key, lost.reason)
+        raise
+    release(conn, key)
