@@ -21,7 +21,7 @@ REPORT_EVERY_SECONDS = 5.0
 # pg_locks shows a bigint advisory key as classid (high 32 bits) and objid (low 32 bits) with
 # objsubid 1. Rebuilding the key as bigint on the pg_locks side avoids int4 shifts that wrap.
 _HOLDER_SQL = """
-SELECT a.pid, a.application_name, a.client_addr::text,
+SELECT a.pid, a.application_name, host(a.client_addr),
        extract(epoch FROM now() - a.backend_start)::float8,
        a.state,
        extract(epoch FROM now() - a.query_start)::float8

@@ -6,6 +6,8 @@ import itertools
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,20 +114,56 @@ def cli(
     )
 
 
-def spawn(args: Sequence[str], env: Mapping[str, str], cwd: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [str(BIN), *args],
-        env=clean_env(env),
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+class Running:
+    """A live `prosaas-migrate` process whose stderr is collected as it comes."""
+
+    def __init__(self, args: Sequence[str], env: Mapping[str, str], cwd: Path) -> None:
+        self.proc = subprocess.Popen(
+            [str(BIN), *args],
+            env=clean_env(env),
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.pid = self.proc.pid
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.stdout = ""
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, text: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.lines):
+            if time.monotonic() > deadline or (
+                self.proc.poll() is not None and not any(text in line for line in self.lines)
+            ):
+                time.sleep(0.1)  # let the reader catch up before judging
+                if any(text in line for line in self.lines):
+                    return
+                raise AssertionError(f"{text!r} never appeared in:\n{self.stderr}")
+            time.sleep(0.02)
+
+    def finish(self, timeout: float = 60) -> int:
+        self.proc.wait(timeout=timeout)
+        assert self.proc.stdout is not None
+        self.stdout = self.proc.stdout.read()
+        self._reader.join(timeout=5)
+        return self.proc.returncode
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.lines)
 
 
-def query(url: str, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
+def query(url: str, sql: str, params: Sequence[object] | None = None) -> list[tuple[object, ...]]:
     with psycopg.connect(url, autocommit=True) as conn:
-        return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+        return conn.execute(sql, params).fetchall()
 
 
 def applied_revisions(url: str) -> list[str]:

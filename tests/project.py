@@ -1,4 +1,4 @@
-"""Fixture Alembic projects: the stock `alembic init` layout or the cookbook shared-connection env.py.
+"""Fixture Alembic projects: the stock `alembic init` layout, or the cookbook shared-connection one.
 
 Every revision inserts its id into a `revision_log` table (no unique key), so a test can prove
 each revision ran exactly once.
@@ -13,7 +13,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-COOKBOOK_ENV = '''\
+COOKBOOK_ENV = """\
 from logging.config import fileConfig
 
 from alembic import context
@@ -43,7 +43,7 @@ def run_migrations_online() -> None:
 
 
 run_migrations_online()
-'''
+"""
 
 
 @dataclass

@@ -1,0 +1,202 @@
+"""config.load is pure: every rule of SPEC's table is a one-line case here."""
+
+from __future__ import annotations
+
+import pytest
+
+from prosaas_migrate import config
+from prosaas_migrate.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("environ", "run", "decided_by"),
+    [
+        ({}, False, "default"),
+        ({"RUN_MIGRATIONS": "1"}, True, "RUN_MIGRATIONS"),
+        ({"RUN_MIGRATIONS": "0"}, False, "RUN_MIGRATIONS"),
+        ({"RUN_MIGRATIONS": "TRUE"}, True, "RUN_MIGRATIONS"),
+        ({"RUN_MIGRATIONS": "Yes"}, True, "RUN_MIGRATIONS"),
+        ({"RUN_MIGRATIONS": "on"}, True, "RUN_MIGRATIONS"),
+        ({"RUN_MIGRATIONS": "False"}, False, "RUN_MIGRATIONS"),
+        ({"RUN_MIGRATIONS": "NO"}, False, "RUN_MIGRATIONS"),
+        ({"RUN_MIGRATIONS": "off"}, False, "RUN_MIGRATIONS"),
+        ({"RUN_MIGRATIONS": ""}, False, "default"),
+        ({"RUN_MIGRATIONS": "", "RUN_MIGRATIONS_ON_START": "1"}, True, "RUN_MIGRATIONS_ON_START"),
+        ({"RUN_MIGRATIONS": "0", "RUN_MIGRATIONS_ON_START": "1"}, False, "RUN_MIGRATIONS"),
+        ({"RUN_MIGRATIONS": "1", "RUN_MIGRATIONS_ON_START": "0"}, True, "RUN_MIGRATIONS"),
+        ({"RUN_MIGRATIONS_ON_START": "true"}, True, "RUN_MIGRATIONS_ON_START"),
+        ({"RUN_MIGRATIONS_ON_START": "0", "SERVICE_ROLE": "api"}, False, "RUN_MIGRATIONS_ON_START"),
+        ({"SERVICE_ROLE": "api"}, True, "SERVICE_ROLE"),
+        ({"SERVICE_ROLE": "API"}, True, "SERVICE_ROLE"),
+        ({"SERVICE_ROLE": "Prosaas-Api"}, True, "SERVICE_ROLE"),
+        ({"SERVICE_ROLE": "worker"}, False, "SERVICE_ROLE"),
+        ({"SERVICE_ROLE": "prosaas-calls"}, False, "SERVICE_ROLE"),
+        ({"RUN_MIGRATIONS": "0", "SERVICE_ROLE": "api"}, False, "RUN_MIGRATIONS"),
+        ({"RUN_MIGRATIONS": "1", "SERVICE_ROLE": "worker"}, True, "RUN_MIGRATIONS"),
+    ],
+)
+def test_run_decision_precedence(environ: dict[str, str], run: bool, decided_by: str) -> None:
+    settings = config.load(environ)
+    assert (settings.run, settings.decided_by) == (run, decided_by)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("RUN_MIGRATIONS", "maybe"),
+        ("RUN_MIGRATIONS", "2"),
+        ("RUN_MIGRATIONS_ON_START", "y"),
+        ("MIGRATION_LOCK_WAIT_SECONDS", "abc"),
+        ("MIGRATION_LOCK_WAIT_SECONDS", "-5"),
+        ("MIGRATION_LOCK_WAIT_SECONDS", "1.5"),
+        ("MIGRATION_LOCK_WAIT_SECONDS", "\uff13\uff10"),  # full-width 30: int() takes it, we don't
+        ("MIGRATION_STATEMENT_TIMEOUT", "abc"),
+        ("MIGRATION_STATEMENT_TIMEOUT", "-5s"),
+        ("MIGRATION_STATEMENT_TIMEOUT", "120S"),
+        ("MIGRATION_STATEMENT_TIMEOUT", "120 sec"),
+        ("MIGRATION_STATEMENT_TIMEOUT", "1s'; DROP TABLE x; --"),
+        ("MIGRATION_STATEMENT_TIMEOUT", "30d"),  # over PostgreSQL's 2147483647 ms
+        ("MIGRATION_STATEMENT_TIMEOUT", "0.1us"),  # would round to 0, i.e. no timeout
+        ("MIGRATION_LOCK_KEY", str(2**63)),
+        ("MIGRATION_LOCK_KEY", str(-(2**63) - 1)),
+        ("MIGRATION_LOCK_KEY", "0x10"),
+        ("MIGRATION_LOCK_KEY", "key"),
+    ],
+)
+def test_invalid_values_name_the_variable_and_value(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.load({variable: value})
+    assert caught.value.variable == variable
+    message = str(caught.value)
+    assert message.startswith(f"{variable}: {value!r} is invalid; expected ")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("value", "ms"),
+    [
+        ("120s", 120_000),
+        ("2min", 120_000),
+        ("0.5h", 1_800_000),
+        ("1500ms", 1500),
+        ("10", 10),  # PostgreSQL reads a bare number as milliseconds
+        ("0", 0),
+        ("1d", 86_400_000),
+        (" 120 s ", 120_000),
+        ("2147483647", 2_147_483_647),
+    ],
+)
+def test_statement_timeout_grammar(value: str, ms: int) -> None:
+    assert config.parse_duration_ms("MIGRATION_STATEMENT_TIMEOUT", value) == ms
+
+
+def test_defaults() -> None:
+    settings = config.load({})
+    assert settings.lock_wait_seconds == 30
+    assert settings.statement_timeout == "120s"
+    assert settings.statement_timeout_ms == 120_000
+    assert settings.lock_key == config.default_lock_key()
+    assert settings.lock_key_source == "default"
+    assert settings.alembic_config == "alembic.ini"
+    assert settings.alembic_config_source == "default"
+    assert settings.database_url is None
+
+
+def test_default_lock_key_is_stable_and_documented() -> None:
+    # The README documents this value: changing the derivation would let an old and a new
+    # version of the tool migrate at once during a rolling deploy.
+    assert config.default_lock_key() == 7214607257041625889
+    assert config.default_lock_key("public.other_version") != config.default_lock_key()
+
+
+@pytest.mark.parametrize("key", ["0", "-1", str(2**63 - 1), str(-(2**63)), " 42 "])
+def test_lock_key_accepts_signed_64_bit(key: str) -> None:
+    settings = config.load({"MIGRATION_LOCK_KEY": key})
+    assert settings.lock_key == int(key)
+    assert settings.lock_key_source == "MIGRATION_LOCK_KEY"
+
+
+def test_wait_seconds_zero_is_one_try() -> None:
+    assert config.load({"MIGRATION_LOCK_WAIT_SECONDS": "0"}).lock_wait_seconds == 0
+
+
+@pytest.mark.parametrize(
+    ("option", "environ", "path", "source"),
+    [
+        (None, {}, "alembic.ini", "default"),
+        (
+            None,
+            {"ALEMBIC_CONFIG": "/etc/app/alembic.ini"},
+            "/etc/app/alembic.ini",
+            "ALEMBIC_CONFIG",
+        ),
+        ("cli.ini", {"ALEMBIC_CONFIG": "/etc/app/alembic.ini"}, "cli.ini", "--config"),
+    ],
+)
+def test_alembic_config_precedence(
+    option: str | None, environ: dict[str, str], path: str, source: str
+) -> None:
+    settings = config.load(environ, config_option=option)
+    assert (settings.alembic_config, settings.alembic_config_source) == (path, source)
+
+
+@pytest.mark.parametrize(
+    ("environ", "ini_url", "expected"),
+    [
+        (
+            {"MIGRATION_DATABASE_URL": "postgresql://direct/db", "DATABASE_URL": "postgres://b/db"},
+            "postgresql://ini/db",
+            "postgresql://direct/db",
+        ),
+        (
+            {"DATABASE_URL": "postgres://u:p@b:5432/db"},
+            "postgresql://ini/db",
+            "postgresql://u:p@b:5432/db",
+        ),
+        ({"DATABASE_URL": "postgresql+psycopg://b/db"}, None, "postgresql://b/db"),
+        ({"DATABASE_URL": ""}, "postgresql://ini/db", "postgresql://ini/db"),
+        ({}, "postgresql+psycopg://ini/db", "postgresql://ini/db"),
+    ],
+)
+def test_database_url_precedence(
+    environ: dict[str, str], ini_url: str | None, expected: str
+) -> None:
+    assert config.migration_url(config.load(environ), ini_url) == expected
+
+
+@pytest.mark.parametrize(
+    ("environ", "ini_url", "variable"),
+    [
+        ({}, None, "DATABASE_URL"),
+        ({}, "driver://user:pass@localhost/dbname", "DATABASE_URL"),
+        ({"DATABASE_URL": "mysql://u:secret@h/db"}, None, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgresql+asyncpg://h/db"}, None, "DATABASE_URL"),
+        ({"MIGRATION_DATABASE_URL": "localhost:5432"}, None, "MIGRATION_DATABASE_URL"),
+        ({"DATABASE_URL": "postgresql://h:port/db"}, None, "DATABASE_URL"),
+    ],
+)
+def test_unusable_database_url(environ: dict[str, str], ini_url: str | None, variable: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.migration_url(config.load(environ), ini_url)
+    assert caught.value.variable == variable
+    assert "secret" not in str(caught.value)
+    assert "pass@" not in str(caught.value)
+
+
+def test_database_url_is_not_checked_when_not_migrating() -> None:
+    # A worker's app may use another driver; it must start even so.
+    settings = config.load({"RUN_MIGRATIONS": "0", "DATABASE_URL": "postgresql+asyncpg://h/db"})
+    assert settings.run is False
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        ("postgresql://app:s3cret@db:5432/app", "postgresql://app:***@db:5432/app"),
+        ("postgresql://app@db/app", "postgresql://app@db/app"),
+        ("postgresql://app:p@ss@db/app", "postgresql://app:***@db/app"),
+        ("not a url", "not a url"),
+    ],
+)
+def test_redact_url(url: str, redacted: str) -> None:
+    assert config.redact_url(url) == redacted
