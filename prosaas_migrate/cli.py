@@ -75,6 +75,9 @@ def run(config_path: str | None, command: tuple[str, ...]) -> NoReturn:
         RUN_MIGRATIONS=1 DATABASE_URL=postgresql://app@db/app \\
             prosaas-migrate run -- gunicorn app:app
     """
+    if command and command[0].startswith("-"):
+        # Unknown options land in COMMAND; no service's name starts with a dash.
+        raise click.UsageError(f"no such option: {command[0]} (put the service after --)")
     try:
         settings = config.load(os.environ, config_option=config_path)
         code = runner.run(settings, command, hostname=socket.gethostname())

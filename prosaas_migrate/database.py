@@ -84,6 +84,16 @@ def verify_statement_timeout(conn: psycopg.Connection[Any], wanted: str, wanted_
         raise SessionSettingRejected("statement_timeout", wanted, shown)
 
 
+def current_revisions(conn: psycopg.Connection[Any]) -> tuple[str, ...]:
+    """The revisions recorded in Alembic's default version table (found through search_path, as
+    Alembic does); none when there is no version table yet."""
+    row = conn.execute("SELECT to_regclass('alembic_version') IS NOT NULL").fetchone()
+    if not (row and row[0]):
+        return ()
+    rows = conn.execute("SELECT version_num FROM alembic_version").fetchall()
+    return tuple(sorted(str(r[0]) for r in rows))
+
+
 def _first_line(message: str, url: str) -> str:
     """The useful part of a libpq error, with no chance of echoing the URL's password."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]

@@ -15,7 +15,7 @@ from prosaas_migrate import logs
 from prosaas_migrate.errors import LockLost
 
 # A freed lock is taken within a few hundred ms; the jitter keeps many waiters from polling in step.
-POLL_INTERVAL = (0.05, 0.25)
+POLL_INTERVAL = (0.05, 0.15)
 REPORT_EVERY_SECONDS = 5.0
 
 # pg_locks shows a bigint advisory key as classid (high 32 bits) and objid (low 32 bits) with

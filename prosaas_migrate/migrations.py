@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,24 +15,13 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.pool import Pool, StaticPool
 
 from prosaas_migrate import logs
+from prosaas_migrate.database import current_revisions
 from prosaas_migrate.errors import ConfigError, MigrationFailed
-
-VERSION_TABLE = "alembic_version"  # Alembic's default name, found through search_path as it does
-
-
-def load_config(path: str, source: str) -> Config:
-    """The Alembic Config for `path`, or ConfigError naming where the path came from."""
-    variable = source if source != "default" else "ALEMBIC_CONFIG"
-    if not os.path.isfile(path):
-        raise ConfigError(variable, path, "the path of an existing alembic.ini (or --config)")
-    cfg = Config(path)
-    if not cfg.get_main_option("script_location"):
-        raise ConfigError(variable, path, "an alembic.ini with script_location in [alembic]")
-    return cfg
+from prosaas_migrate.revisions import AlembicIni
 
 
-def ini_url(cfg: Config) -> str | None:
-    return cfg.get_main_option("sqlalchemy.url")
+def load_config(ini: AlembicIni) -> Config:
+    return Config(ini.path)
 
 
 def script_directory(cfg: Config) -> ScriptDirectory:
@@ -45,15 +33,6 @@ def script_directory(cfg: Config) -> ScriptDirectory:
 
 def heads(script: ScriptDirectory) -> tuple[str, ...]:
     return tuple(sorted(script.get_heads()))
-
-
-def current(conn: psycopg.Connection[Any]) -> tuple[str, ...]:
-    """The revisions recorded in the database; none when there is no version table yet."""
-    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [VERSION_TABLE]).fetchone()
-    if not (row and row[0]):
-        return ()
-    rows = conn.execute(f"SELECT version_num FROM {VERSION_TABLE}").fetchall()
-    return tuple(sorted(str(r[0]) for r in rows))
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -100,7 +79,7 @@ def upgrade_to_head(
         event.remove(Pool, "connect", session_setup)
         cfg.attributes.pop("connection", None)
     tracker.finish()
-    now = current(conn)
+    now = current_revisions(conn)
     conn.commit()
     if now != heads(script):
         raise MigrationFailed(

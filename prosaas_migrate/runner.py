@@ -9,11 +9,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prosaas_migrate import logs
 from prosaas_migrate.config import Settings, migration_url
 from prosaas_migrate.errors import ExecFailed, ExitCode, Interrupted
+
+if TYPE_CHECKING:
+    from prosaas_migrate.revisions import AlembicIni
 
 
 def run(
@@ -36,12 +39,13 @@ def run(
 
 def migrate(settings: Settings, *, hostname: str, clock: Callable[[], float]) -> None:
     """Connect, take the lock within the wait budget, upgrade to head, release; or skip."""
-    from prosaas_migrate import database, lock, migrations
+    from prosaas_migrate import database, lock, revisions
 
     deadline = clock() + settings.lock_wait_seconds
-    cfg = migrations.load_config(settings.alembic_config, settings.alembic_config_source)
-    url = migration_url(settings, migrations.ini_url(cfg))
-    script = migrations.script_directory(cfg)
+    ini = revisions.read_ini(settings.alembic_config, settings.alembic_config_source)
+    url = migration_url(settings, ini.url)
+    # Known before waiting, so that a freed lock is followed by one query, not file reading.
+    target = revisions.heads(ini) or _alembic_heads(ini)
     app_name = database.application_name(hostname)
 
     def session_setup(connection: Any) -> None:
@@ -58,12 +62,22 @@ def migrate(settings: Settings, *, hostname: str, clock: Callable[[], float]) ->
                 logs.lock_timeout(waited)
                 return
             # Re-read under the lock: whoever held it before us may have just migrated.
-            target = migrations.heads(script)
-            if migrations.current(conn) == target:
+            if database.current_revisions(conn) == target:
                 logs.at_head(target)
                 return
+            from prosaas_migrate import migrations
+
+            cfg = migrations.load_config(ini)
+            script = migrations.script_directory(cfg)
+            target = migrations.heads(script)
             count = migrations.upgrade_to_head(conn, cfg, script, url, session_setup)
             logs.migrations_done(count, target)
+
+
+def _alembic_heads(ini: AlembicIni) -> tuple[str, ...]:
+    from prosaas_migrate import migrations
+
+    return migrations.heads(migrations.script_directory(migrations.load_config(ini)))
 
 
 def start_service(command: Sequence[str]) -> ExitCode:

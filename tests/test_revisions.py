@@ -1,0 +1,140 @@
+"""The light reader of revision files agrees with Alembic, or says it is unsure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from prosaas_migrate import migrations, revisions
+from prosaas_migrate.errors import ConfigError
+from tests import project
+
+
+def write(versions: Path, name: str, body: str) -> None:
+    (versions / name).write_text(body)
+
+
+def rev(revision: str, down: object, extra: str = "", annotated: bool = False) -> str:
+    if annotated:
+        return (
+            "from typing import Sequence, Union\n"
+            f"revision: str = {revision!r}\n"
+            f"down_revision: Union[str, Sequence[str], None] = {down!r}\n"
+            "branch_labels: Union[str, Sequence[str], None] = None\n"
+            "depends_on: Union[str, Sequence[str], None] = None\n"
+            f"{extra}\ndef upgrade():\n    pass\n"
+        )
+    return f"revision = {revision!r}\ndown_revision = {down!r}\n{extra}\ndef upgrade():\n    pass\n"
+
+
+SHAPES: dict[str, dict[str, str]] = {
+    "empty": {},
+    "linear": {"a.py": rev("a", None), "b.py": rev("b", "a"), "c.py": rev("c", "b")},
+    "annotated": {"a.py": rev("a", None, annotated=True), "b.py": rev("b", "a", annotated=True)},
+    "two heads": {"a.py": rev("a", None), "b.py": rev("b", "a"), "c.py": rev("c", "a")},
+    "merged": {
+        "a.py": rev("a", None),
+        "b.py": rev("b", "a"),
+        "c.py": rev("c", "a"),
+        "m.py": rev("m", ("b", "c")),
+    },
+    "merged as list": {
+        "a.py": rev("a", None),
+        "b.py": rev("b", "a"),
+        "c.py": rev("c", "a"),
+        "m.py": rev("m", ["b", "c"]),
+    },
+    "ignored files": {
+        "a.py": rev("a", None),
+        "__init__.py": "",
+        ".#b.py": rev("b", "a"),
+        "notes.txt": "revision = 'x'",
+        "b.pyc": "not python",
+    },
+}
+
+UNSURE: dict[str, dict[str, str]] = {
+    "computed id": {"a.py": "revision = 'a' + 'b'\ndown_revision = None\n"},
+    "no revision": {"a.py": "down_revision = None\n"},
+    "branch label": {"a.py": rev("a", None, "branch_labels = ('x',)")},
+    "depends_on": {"a.py": rev("a", None), "b.py": rev("b", None, "depends_on = 'a'")},
+    "dangling down": {"a.py": rev("a", "zzz")},
+    "duplicate id": {"a.py": rev("a", None), "b.py": rev("a", None)},
+    "assigned twice": {"a.py": rev("a", None, "revision = 'b'")},
+    "syntax error": {"a.py": "revision = 'a'\ndown_revision = (\n"},
+}
+
+
+def make(tmp_path: Path, files: dict[str, str], ini_extra: str = "") -> revisions.AlembicIni:
+    project.create(tmp_path, [])
+    versions = tmp_path / "migrations" / "versions"
+    for name, body in files.items():
+        write(versions, name, body)
+    ini = tmp_path / "alembic.ini"
+    if ini_extra:
+        ini.write_text(ini.read_text().replace("[alembic]\n", f"[alembic]\n{ini_extra}\n", 1))
+    return revisions.read_ini(str(ini), "ALEMBIC_CONFIG")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_heads_match_alembic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shape: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    ini = make(tmp_path, SHAPES[shape])
+    alembic_heads = migrations.heads(migrations.script_directory(migrations.load_config(ini)))
+    assert revisions.heads(ini) == alembic_heads
+
+
+@pytest.mark.parametrize("shape", UNSURE)
+def test_unusual_projects_are_left_to_alembic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shape: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert revisions.heads(make(tmp_path, UNSURE[shape])) is None
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        "version_locations = %(here)s/other",
+        "recursive_version_locations = true",
+        "sourceless = true",
+    ],
+)
+def test_options_that_move_revisions_are_left_to_alembic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, option: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert revisions.heads(make(tmp_path, SHAPES["linear"], option)) is None
+
+
+def test_the_ini_is_read_like_alembic_reads_it(tmp_path: Path) -> None:
+    ini_path = tmp_path / "alembic.ini"
+    ini_path.write_text(
+        "[alembic]\nscript_location = %(here)s/migrations\n"
+        "sqlalchemy.url = postgresql://u:p%%40ss@h/db\n"
+    )
+    ini = revisions.read_ini(str(ini_path), "--config")
+    assert ini.script_location == f"{tmp_path}/migrations"
+    assert ini.url == "postgresql://u:p%40ss@h/db"
+    assert ini.plain_layout
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (None, "existing alembic.ini"),
+        ("[other]\nx = 1\n", "readable Alembic ini"),
+        ("[alembic]\nsqlalchemy.url = postgresql://h/db\n", "script_location"),
+        ("not an ini", "readable Alembic ini"),
+    ],
+)
+def test_a_bad_ini_is_a_config_error_naming_its_origin(
+    tmp_path: Path, text: str | None, expected: str
+) -> None:
+    ini_path = tmp_path / "alembic.ini"
+    if text is not None:
+        ini_path.write_text(text)
+    with pytest.raises(ConfigError, match=expected) as caught:
+        revisions.read_ini(str(ini_path), "--config")
+    assert caught.value.variable == "--config"
