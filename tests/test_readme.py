@@ -1,0 +1,39 @@
+"""The README is the first thing a user reads: its tables must match the code."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from prosaas_migrate.config import default_lock_key
+from prosaas_migrate.errors import ExitCode
+from tests.conftest import OWN_VARIABLES
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def table_after(heading: str) -> list[list[str]]:
+    section = README.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[2:]]
+
+
+def test_exit_code_table_matches_the_code() -> None:
+    documented = {int(row[0]) for row in table_after("Exit codes")}
+    assert documented == {int(code) for code in ExitCode}
+
+
+def test_every_variable_is_documented() -> None:
+    documented = {row[0].strip("`") for row in table_after("Configuration")}
+    assert documented == set(OWN_VARIABLES) - {"PGOPTIONS", "PGAPPNAME"}
+
+
+def test_the_documented_default_lock_key_is_the_real_one() -> None:
+    assert re.findall(r"`(\d{10,})`", README) == [str(default_lock_key())] * 2
+
+
+def test_readme_commands_exist() -> None:
+    root = Path(__file__).resolve().parent.parent
+    for command in re.findall(r"^\./(scripts/\w+)", README, flags=re.MULTILINE):
+        if command != "scripts/demo":  # arrives with the container work
+            assert (root / command).is_file(), command
