@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from prosaas_migrate import config
 from tests import project
 from tests.conftest import BIN, Running, applied_revisions, clean_env, cli, query, version
+from tests.pgcluster import Cluster
 
 SERVICE = ["sh", "-c", "echo service-started pid=$$"]
 
@@ -167,7 +169,10 @@ SPY = project.Revision(
     "r000",
     sql=[
         "CREATE TABLE session_seen AS SELECT current_setting('statement_timeout') AS timeout,"
-        " current_setting('application_name') AS app, pg_backend_pid() AS pid"
+        " current_setting('application_name') AS app,"
+        " EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        "         AND pid = pg_backend_pid()) AS on_locked_connection,"
+        " EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted) AS lock_held"
     ],
 )
 
@@ -204,9 +209,41 @@ def test_enabled_path_migrates_under_the_lock_then_execs(
     assert applied_revisions(db_url) == ["r000", "r001", "r002"]
     # statement_timeout and application_name reached the connection the revisions ran on,
     # even when a stock env.py built its own engine.
-    timeout, app_name, _ = query(db_url, "SELECT * FROM session_seen")[0]
+    timeout, app_name, on_locked_connection, lock_held = query(
+        db_url, "SELECT * FROM session_seen"
+    )[0]
     assert timeout == "90s"
     assert app_name == f"prosaas-migrate:{socket.gethostname()}"
+    assert lock_held is True
+    # The cookbook env.py runs on the very connection that holds the lock; a stock one cannot.
+    assert on_locked_connection is (env_style == "cookbook")
+
+
+def test_every_connection_is_closed_before_the_service_starts(app: Path, db_url: str) -> None:
+    count_ours = (
+        "import psycopg, sys; c = psycopg.connect(sys.argv[1]); print(c.execute("
+        "\"SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'prosaas-migrate:%'"
+        ' AND pid <> pg_backend_pid()").fetchone()[0])'
+    )
+    result = cli(["run", "--", sys.executable, "-c", count_ours, db_url], enabled(db_url), app)
+    assert result.returncode == 0, result.stderr
+    assert version(db_url) == ["r003"]
+    assert result.stdout.strip() == "0"
+
+
+def test_connect_retries_until_a_late_server_is_up(
+    app: Path, db_url: str, own_cluster: Cluster
+) -> None:
+    own_cluster.stop()
+    try:
+        proc = Running(["run"], enabled(db_url, MIGRATION_LOCK_WAIT_SECONDS="30"), app)
+        proc.wait_for("Database not reachable yet")
+        time.sleep(1)
+    finally:
+        own_cluster.start()
+    assert proc.finish() == 0, proc.stderr
+    assert "app:***@" not in proc.stderr  # no password in this URL, and none invented
+    assert version(db_url) == ["r003"]
 
 
 def test_a_second_run_finds_the_schema_current(app: Path, db_url: str) -> None:
