@@ -81,8 +81,9 @@ def lock_lost(key: int, reason: str) -> None:
     )
 
 
-def at_head(heads: Sequence[str]) -> None:
-    _emit(f"✅ Schema is current at {_revisions(heads)}: nothing to migrate")
+def at_head(heads: Sequence[str], *, locked: bool) -> None:
+    why = "checked again under the lock" if locked else "lock not needed"
+    _emit(f"✅ Schema is current at {_revisions(heads)}: nothing to migrate ({why})")
 
 
 def applying(revision: str, message: str | None) -> None:

@@ -52,6 +52,10 @@ def migrate(settings: Settings, *, hostname: str, clock: Callable[[], float]) ->
         database.set_session_settings(connection, settings.statement_timeout_ms, app_name)
 
     with database.connect(url, app_name=app_name, deadline=deadline, clock=clock) as conn:
+        # Routine restarts on an unchanged schema must not queue on the lock behind a migrator.
+        if database.current_revisions(conn) == target:
+            logs.at_head(target, locked=False)
+            return
         session_setup(conn)
         database.verify_statement_timeout(
             conn, settings.statement_timeout, settings.statement_timeout_ms
@@ -63,7 +67,7 @@ def migrate(settings: Settings, *, hostname: str, clock: Callable[[], float]) ->
                 return
             # Re-read under the lock: whoever held it before us may have just migrated.
             if database.current_revisions(conn) == target:
-                logs.at_head(target)
+                logs.at_head(target, locked=True)
                 return
             from prosaas_migrate import migrations
 

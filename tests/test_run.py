@@ -312,6 +312,37 @@ def test_busy_lock_is_skipped_gracefully_and_the_service_starts(
     assert version(db_url) == []
 
 
+def test_at_head_the_lock_is_not_even_asked_for(
+    app: Path, db_url: str, holder: psycopg.Connection[Any]
+) -> None:
+    holder.execute("SELECT pg_advisory_unlock_all()")
+    assert cli(["run"], enabled(db_url), app).returncode == 0
+    holder.execute("SELECT pg_advisory_lock(%s)", [config.default_lock_key()])
+    started = time.monotonic()
+    result = cli(["run", "--", *SERVICE], enabled(db_url, MIGRATION_LOCK_WAIT_SECONDS="30"), app)
+    assert result.returncode == 0, result.stderr
+    assert "service-started" in result.stdout
+    # Queueing behind the holder would have taken the whole 30 s budget.
+    assert time.monotonic() - started < 10
+    assert "✅ Schema is current at r003: nothing to migrate (lock not needed)" in result.stderr
+    assert "Waiting" not in result.stderr and "Acquired" not in result.stderr
+    assert lock_holders(db_url) == [holder.info.backend_pid]
+
+
+def test_pending_migrations_still_wait_for_the_lock(
+    app: Path, db_url: str, holder: psycopg.Connection[Any]
+) -> None:
+    result = cli(["run"], enabled(db_url, MIGRATION_LOCK_WAIT_SECONDS="1"), app)
+    assert result.returncode == 0, result.stderr
+    assert "Could not acquire lock in time" in result.stderr
+    assert version(db_url) == []
+
+
+def lock_holders(url: str) -> list[int]:
+    rows = query(url, "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted")
+    return [int(str(row[0])) for row in rows]
+
+
 # -- failures --------------------------------------------------------------------------------
 
 
