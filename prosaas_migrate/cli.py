@@ -37,9 +37,19 @@ def _tolerate_unencodable_output() -> None:
             stream.reconfigure(errors="replace")
 
 
+config_option = click.option(
+    "--config",
+    "-c",
+    "config_path",
+    metavar="PATH",
+    help="Alembic ini file (default: $ALEMBIC_CONFIG, then ./alembic.ini).",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="prosaas-migrate")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Run Alembic migrations from one designated container, then start its service.
 
     Configuration comes from the environment (and a .env file in the working folder); see
@@ -50,17 +60,11 @@ def main() -> None:
         RUN_MIGRATIONS=1 prosaas-migrate run -- gunicorn app:app
     """
     _tolerate_unencodable_output()
-    load_dotenv_file(os.environ, Path.cwd() / ".env")
+    ctx.obj = load_dotenv_file(os.environ, Path.cwd() / ".env")
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.option(
-    "--config",
-    "-c",
-    "config_path",
-    metavar="PATH",
-    help="Alembic ini file (default: $ALEMBIC_CONFIG, then ./alembic.ini).",
-)
+@config_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(config_path: str | None, command: tuple[str, ...]) -> NoReturn:
     """Migrate under the advisory lock (when enabled), then exec COMMAND.
@@ -88,6 +92,43 @@ def run(config_path: str | None, command: tuple[str, ...]) -> NoReturn:
         logs.interrupted(exc.signal_name)
         sys.exit(exc.exit_code)
     sys.exit(code)
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Exit 1 if migrations are pending, 3 if unreachable, 2 if misconfigured.",
+)
+@click.pass_context
+def status(ctx: click.Context, config_path: str | None, as_json: bool, check: bool) -> NoReturn:
+    """Show configuration, revisions and the lock, without changing anything.
+
+    Read-only: takes no lock, creates no version table, writes nothing. Safe in any container,
+    with or without a database, and with a bad configuration (each error is shown where it is).
+
+    \b
+    Example:
+        docker compose exec worker prosaas-migrate status
+        prosaas-migrate status --json --check   # for CI and health checks
+    """
+    from prosaas_migrate import status as report_status
+
+    report = report_status.gather(
+        os.environ,
+        dotenv_names=ctx.obj or set(),
+        config_option=config_path,
+        hostname=socket.gethostname(),
+    )
+    if as_json:
+        click.echo(report_status.render_json(report))
+    else:
+        # click drops colour when stdout is not a terminal; NO_COLOR drops it everywhere.
+        color = False if os.environ.get("NO_COLOR") else None
+        click.echo(report_status.render_text(report, style=click.style), color=color)
+    sys.exit(report_status.exit_code(report, check=check))
 
 
 def _report(exc: MigrateError) -> None:

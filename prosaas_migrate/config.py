@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from urllib.parse import urlsplit
 
 from prosaas_migrate.errors import ConfigError
@@ -86,6 +87,28 @@ def load(environ: Mapping[str, str], *, config_option: str | None = None) -> Set
         alembic_config=alembic_config,
         alembic_config_source=alembic_source,
     )
+
+
+def problems(environ: Mapping[str, str]) -> dict[str, ConfigError]:
+    """Every bad variable at once (URLs included), for a report; load() stops at the first."""
+    checks: dict[str, Callable[[str], object]] = {
+        "RUN_MIGRATIONS": partial(parse_flag, "RUN_MIGRATIONS"),
+        "RUN_MIGRATIONS_ON_START": partial(parse_flag, "RUN_MIGRATIONS_ON_START"),
+        "MIGRATION_LOCK_WAIT_SECONDS": partial(parse_wait_seconds, "MIGRATION_LOCK_WAIT_SECONDS"),
+        "MIGRATION_STATEMENT_TIMEOUT": partial(parse_duration_ms, "MIGRATION_STATEMENT_TIMEOUT"),
+        "MIGRATION_LOCK_KEY": parse_lock_key,
+        **{name: partial(check_database_url, name) for name in URL_VARIABLES},
+    }
+    found: dict[str, ConfigError] = {}
+    for variable, check in checks.items():
+        value = _value(environ, variable)
+        if value is None:
+            continue
+        try:
+            check(value)
+        except ConfigError as exc:
+            found[variable] = exc
+    return found
 
 
 def decide_run(environ: Mapping[str, str]) -> tuple[bool, str, str | None]:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -21,7 +22,7 @@ REPORT_EVERY_SECONDS = 5.0
 # pg_locks shows a bigint advisory key as classid (high 32 bits) and objid (low 32 bits) with
 # objsubid 1. Rebuilding the key as bigint on the pg_locks side avoids int4 shifts that wrap.
 _HOLDER_SQL = """
-SELECT a.pid, a.application_name, host(a.client_addr),
+SELECT a.pid, a.application_name, host(a.client_addr), a.backend_start,
        extract(epoch FROM now() - a.backend_start)::float8,
        a.state,
        extract(epoch FROM now() - a.query_start)::float8
@@ -40,6 +41,7 @@ class Holder:
     pid: int
     application_name: str
     client_addr: str | None
+    connected_since: datetime
     connected_for: float
     state: str | None
     state_for: float | None

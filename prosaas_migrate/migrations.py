@@ -35,6 +35,12 @@ def heads(script: ScriptDirectory) -> tuple[str, ...]:
     return tuple(sorted(script.get_heads()))
 
 
+def pending(script: ScriptDirectory, current: tuple[str, ...]) -> list[Script]:
+    """The revisions an upgrade to head would apply, in order; CommandError for unknown ones."""
+    found = script.iterate_revisions("heads", current, implicit_base=True)
+    return [revision for revision in reversed(list(found)) if isinstance(revision, Script)]
+
+
 def sqlalchemy_url(url: str) -> str:
     """Name the psycopg 3 driver explicitly, so SQLAlchemy never falls back to psycopg2."""
     return "postgresql+psycopg://" + url.partition("://")[2]
@@ -101,9 +107,7 @@ class _StepTracker:
 
     def steps(self, rev: Any, context: MigrationContext) -> Iterator[MigrationStep]:
         # Alembic pulls the next step only once the previous one ran without error.
-        revisions = list(self.script.iterate_revisions("heads", rev, implicit_base=True))
-        for revision in reversed(revisions):
-            assert isinstance(revision, Script)
+        for revision in pending(self.script, rev):
             self.finish()
             self.running, self._running_doc = revision.revision, revision.doc
             logs.applying(revision.revision, revision.doc)

@@ -163,7 +163,8 @@ class Running:
 
 def query(url: str, sql: str, params: Sequence[object] | None = None) -> list[tuple[object, ...]]:
     with psycopg.connect(url, autocommit=True) as conn:
-        return conn.execute(sql, params).fetchall()
+        cursor = conn.execute(sql, params)
+        return cursor.fetchall() if cursor.description else []
 
 
 def applied_revisions(url: str) -> list[str]:
