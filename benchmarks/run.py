@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psycopg
 
-from prosaas_migrate.config import default_lock_key
+from prosaas_migrate.config import DEFAULT_LOCK_KEY
 from tests import project
 from tests.conftest import BIN, clean_env
 from tests.pgcluster import Cluster
@@ -76,8 +76,30 @@ def bench_noop_at_head(cluster: Cluster, work: Path, rounds: int) -> None:
     )
 
 
+def bench_status(cluster: Cluster, work: Path, rounds: int) -> None:
+    url = new_database(cluster, "status")
+    app = work / "status"
+    project.create(app, project.linear(1000), env="stock", url=url)
+    env = clean_env({"RUN_MIGRATIONS": "1", "DATABASE_URL": url})
+    timed([str(BIN), "run"], env, app)
+    compare(
+        "status on 1,000 revisions vs alembic current + alembic heads",
+        "<= 1.0x",
+        lambda: timed([str(BIN), "status"], env, app),
+        lambda: (
+            timed([str(ALEMBIC), "current"], env, app) + timed([str(ALEMBIC), "heads"], env, app)
+        ),
+        max(3, rounds // 3),
+    )
+
+
 def bench_handoff(cluster: Cluster, work: Path, rounds: int) -> None:
-    """From the holder's unlock to the waiting container's service printing its start time."""
+    """From the migrator's unlock to the waiting container's service printing its start time.
+
+    Each round plays the real sequence: r003 is pending, so the runner waits for the lock; the
+    holder (this script) "migrates" by recording r003, then unlocks; the runner re-reads the
+    version under the lock, finds it current, releases and execs.
+    """
     url = new_database(cluster, "handoff")
     app = work / "handoff"
     project.create(app, project.linear(3))
@@ -88,9 +110,10 @@ def bench_handoff(cluster: Cluster, work: Path, rounds: int) -> None:
     service = [sys.executable, "-S", "-c", "import time; print(time.time())"]
     startup = statistics.median(timed(service, env, app) for _ in range(5))
     delays: list[float] = []
-    key = default_lock_key()
+    key = DEFAULT_LOCK_KEY
     with psycopg.connect(url, autocommit=True) as holder:
         for _ in range(rounds):
+            holder.execute("UPDATE alembic_version SET version_num = 'r002'")
             holder.execute("SELECT pg_advisory_lock(%s)", [key])
             proc = subprocess.Popen(
                 [str(BIN), "run", "--", *service],
@@ -100,13 +123,14 @@ def bench_handoff(cluster: Cluster, work: Path, rounds: int) -> None:
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            wait_until_waiting(holder, key)
+            wait_until_waiting(holder)
             time.sleep(0.5 + (len(delays) % 5) * 0.037)  # release at varied poll phases
+            holder.execute("UPDATE alembic_version SET version_num = 'r003'")
             released = time.time()
             holder.execute("SELECT pg_advisory_unlock(%s)", [key])
             out, err = proc.communicate(timeout=30)
-            if proc.returncode != 0:
-                raise RuntimeError(err)
+            if proc.returncode != 0 or "checked again under the lock" not in err:
+                raise RuntimeError(f"the runner did not hand off as expected:\n{err}")
             delays.append(float(out.strip()) - released)
     median = statistics.median(delays)
     print(
@@ -118,7 +142,7 @@ def bench_handoff(cluster: Cluster, work: Path, rounds: int) -> None:
     )
 
 
-def wait_until_waiting(holder: psycopg.Connection[tuple[object, ...]], key: int) -> None:
+def wait_until_waiting(holder: psycopg.Connection[tuple[object, ...]]) -> None:
     """Until a second session, the runner, is connected with our application_name."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -147,6 +171,7 @@ def main() -> None:
             work = Path(tmp)
             bench_disabled_path(work, rounds)
             bench_noop_at_head(cluster, work, rounds)
+            bench_status(cluster, work, rounds)
             bench_handoff(cluster, work, rounds)
     finally:
         cluster.destroy()

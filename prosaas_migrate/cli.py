@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import sys
-from pathlib import Path
 from typing import NoReturn
 
 import click
@@ -15,9 +13,9 @@ from prosaas_migrate import __version__, config, logs, runner
 from prosaas_migrate.errors import Interrupted, LockLost, MigrateError, MigrationFailed
 
 
-def load_dotenv_file(environ: dict[str, str] | os._Environ[str], path: Path) -> set[str]:
+def load_dotenv_file(environ: dict[str, str] | os._Environ[str], path: str) -> set[str]:
     """Add .env's variables that are not really set; return the names it supplied."""
-    if not path.is_file():
+    if not os.path.isfile(path):
         return set()
     from dotenv import dotenv_values
 
@@ -60,7 +58,7 @@ def main(ctx: click.Context) -> None:
         RUN_MIGRATIONS=1 prosaas-migrate run -- gunicorn app:app
     """
     _tolerate_unencodable_output()
-    ctx.obj = load_dotenv_file(os.environ, Path.cwd() / ".env")
+    ctx.obj = load_dotenv_file(os.environ, os.path.join(os.getcwd(), ".env"))
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -84,7 +82,7 @@ def run(config_path: str | None, command: tuple[str, ...]) -> NoReturn:
         raise click.UsageError(f"no such option: {command[0]} (put the service after --)")
     try:
         settings = config.load(os.environ, config_option=config_path)
-        code = runner.run(settings, command, hostname=socket.gethostname())
+        code = runner.run(settings, command, hostname=_hostname())
     except MigrateError as exc:
         _report(exc)
         sys.exit(exc.exit_code)
@@ -120,7 +118,7 @@ def status(ctx: click.Context, config_path: str | None, as_json: bool, check: bo
         os.environ,
         dotenv_names=ctx.obj or set(),
         config_option=config_path,
-        hostname=socket.gethostname(),
+        hostname=_hostname(),
     )
     if as_json:
         click.echo(report_status.render_json(report))
@@ -138,3 +136,7 @@ def _report(exc: MigrateError) -> None:
         logs.lock_lost(exc.key, exc.reason)
     else:
         logs.error(str(exc))
+
+
+def _hostname() -> str:
+    return os.uname().nodename  # what socket.gethostname() returns, without importing socket

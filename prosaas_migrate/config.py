@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from urllib.parse import urlsplit
 
 from prosaas_migrate.errors import ConfigError
 
@@ -25,6 +23,7 @@ DEFAULT_ALEMBIC_CONFIG = "alembic.ini"
 # The advisory-lock key is derived from this name, so two Alembic histories with different
 # version tables in one database never block each other. See default_lock_key().
 DEFAULT_VERSION_TABLE = "public.alembic_version"
+DEFAULT_LOCK_KEY = 7214607257041625889  # default_lock_key(DEFAULT_VERSION_TABLE), precomputed
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _INT32_MAX = 2**31 - 1  # statement_timeout's upper bound, in milliseconds
@@ -80,7 +79,7 @@ def load(environ: Mapping[str, str], *, config_option: str | None = None) -> Set
         ),
         statement_timeout=timeout_text.strip(),
         statement_timeout_ms=parse_duration_ms("MIGRATION_STATEMENT_TIMEOUT", timeout_text),
-        lock_key=default_lock_key() if key_text is None else parse_lock_key(key_text),
+        lock_key=DEFAULT_LOCK_KEY if key_text is None else parse_lock_key(key_text),
         lock_key_source="default" if key_text is None else "MIGRATION_LOCK_KEY",
         database_url=url,
         database_url_source=url_source,
@@ -167,6 +166,8 @@ def parse_lock_key(value: str) -> int:
 
 def default_lock_key(version_table: str = DEFAULT_VERSION_TABLE) -> int:
     """The first 8 bytes of SHA-256 of 'prosaas-migrate:<schema.table>', as a signed integer."""
+    import hashlib  # not on the start-up path: the default is precomputed
+
     digest = hashlib.sha256(f"prosaas-migrate:{version_table}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
 
@@ -177,6 +178,8 @@ def check_database_url(variable: str, url: str) -> str:
     if not sep or scheme.lower() not in _URL_SCHEMES:
         raise ConfigError(variable, redact_url(url), _URL_GRAMMAR)
     normalised = f"postgresql://{rest}"
+    from urllib.parse import urlsplit
+
     try:
         urlsplit(normalised).port  # noqa: B018 - raises ValueError on a port that is no number
     except ValueError:

@@ -95,7 +95,7 @@ def test_defaults() -> None:
     assert settings.lock_wait_seconds == 30
     assert settings.statement_timeout == "120s"
     assert settings.statement_timeout_ms == 120_000
-    assert settings.lock_key == config.default_lock_key()
+    assert settings.lock_key == config.DEFAULT_LOCK_KEY
     assert settings.lock_key_source == "default"
     assert settings.alembic_config == "alembic.ini"
     assert settings.alembic_config_source == "default"
@@ -105,7 +105,7 @@ def test_defaults() -> None:
 def test_default_lock_key_is_stable_and_documented() -> None:
     # The README documents this value: changing the derivation would let an old and a new
     # version of the tool migrate at once during a rolling deploy.
-    assert config.default_lock_key() == 7214607257041625889
+    assert config.default_lock_key() == config.DEFAULT_LOCK_KEY == 7214607257041625889
     assert config.default_lock_key("public.other_version") != config.default_lock_key()
 
 
