@@ -55,7 +55,7 @@ class Holder:
         if self.state:
             text += f", {self.state}"
             if self.state_for is not None:
-                text += f" query started {self.state_for:.0f}s ago"
+                text += f" (last query started {self.state_for:.0f}s ago)"
         return text
 
 

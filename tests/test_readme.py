@@ -34,6 +34,7 @@ def test_the_documented_default_lock_key_is_the_real_one() -> None:
 
 def test_readme_commands_exist() -> None:
     root = Path(__file__).resolve().parent.parent
-    for command in re.findall(r"^\./(scripts/\w+)", README, flags=re.MULTILINE):
-        if command != "scripts/demo":  # arrives with the container work
-            assert (root / command).is_file(), command
+    commands = re.findall(r"^\./(scripts/\w+)", README, flags=re.MULTILINE)
+    assert {"scripts/test", "scripts/demo"} <= set(commands)
+    for command in commands:
+        assert (root / command).is_file(), command

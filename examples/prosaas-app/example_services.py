@@ -1,0 +1,98 @@
+"""Stand-ins for the real services, so `docker compose up` shows something real.
+
+    python -m example_services api          # HTTP on $PORT (default 8000), GET /healthz
+    python -m example_services worker       # long-running; stops cleanly on SIGTERM
+    python -m example_services calls        # likewise
+    python -m example_services healthcheck  # exit 0 when the api answers /healthz
+
+Each one runs as PID 1 of its container (prosaas-migrate execs it), so it installs its own
+SIGTERM handler: for PID 1 the kernel ignores a signal that has no handler.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType
+
+NAMES = {"api": "prosaas-api", "worker": "worker", "calls": "prosaas-calls"}
+
+
+def say(service: str, message: str) -> None:
+    print(f"[{NAMES[service]}] {message}", flush=True)
+
+
+def on_stop(callback: object) -> threading.Event:
+    """An event set by SIGTERM or SIGINT, after which `callback` (if callable) runs."""
+    stopped = threading.Event()
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        stopped.set()
+        if callable(callback):
+            threading.Thread(target=callback, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    return stopped
+
+
+class Health(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        status, body = (200, b'{"status": "ok"}\n') if self.path == "/healthz" else (404, b"")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # keep the demo's output to the lines that matter
+
+
+def api() -> int:
+    port = int(os.environ.get("PORT", "8000"))
+    server = ThreadingHTTPServer(("0.0.0.0", port), Health)
+    on_stop(server.shutdown)
+    say("api", f"listening on :{port} (pid={os.getpid()}); GET /healthz")
+    server.serve_forever(poll_interval=0.2)
+    server.server_close()
+    say("api", "stopped cleanly")
+    return 0
+
+
+def long_running(service: str) -> int:
+    stopped = on_stop(None)
+    say(service, f"started (pid={os.getpid()}); waiting for jobs")
+    while not stopped.wait(30):
+        say(service, "idle")
+    say(service, "stopped cleanly")
+    return 0
+
+
+def healthcheck() -> int:
+    url = f"http://127.0.0.1:{os.environ.get('PORT', '8000')}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return 0 if response.status == 200 else 1
+    except OSError:
+        return 1
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0] if argv else ""
+    if command == "api":
+        return api()
+    if command in ("worker", "calls"):
+        return long_running(command)
+    if command == "healthcheck":
+        return healthcheck()
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
