@@ -81,6 +81,10 @@ def run(config_path: str | None, command: tuple[str, ...]) -> NoReturn:
         # Unknown options land in COMMAND; no service's name starts with a dash.
         raise click.UsageError(f"no such option: {command[0]} (put the service after --)")
     try:
+        # The format first, so that every later line, config errors included, is in it.
+        logs.configure(config.log_format(os.environ))
+        for name, suggestion in config.unknown_variables(os.environ):
+            logs.unknown_variable(name, suggestion)
         settings = config.load(os.environ, config_option=config_path)
         code = runner.run(settings, command, hostname=_hostname())
     except MigrateError as exc:

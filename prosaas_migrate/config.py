@@ -11,6 +11,19 @@ from prosaas_migrate.errors import ConfigError
 
 RUN_VARIABLES = ("RUN_MIGRATIONS", "RUN_MIGRATIONS_ON_START")
 URL_VARIABLES = ("MIGRATION_DATABASE_URL", "DATABASE_URL")
+KNOWN_VARIABLES = (
+    *RUN_VARIABLES,
+    "SERVICE_ROLE",
+    "MIGRATION_LOCK_WAIT_SECONDS",
+    "MIGRATION_STATEMENT_TIMEOUT",
+    "MIGRATION_LOCK_KEY",
+    "MIGRATION_WAIT_FOR_HEAD_SECONDS",
+    "MIGRATION_LOG_FORMAT",
+    *URL_VARIABLES,
+    "ALEMBIC_CONFIG",
+)
+_OUR_PREFIXES = ("MIGRATION_", "RUN_MIGRATION")
+LOG_FORMATS = ("text", "json")
 MIGRATING_ROLES = frozenset({"api", "prosaas-api"})
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -18,6 +31,7 @@ _FALSE = frozenset({"0", "false", "no", "off"})
 _FLAG_GRAMMAR = "1 or 0 (also true/false, yes/no, on/off in any case; empty means unset)"
 
 DEFAULT_LOCK_WAIT_SECONDS = 30
+DEFAULT_WAIT_FOR_HEAD_SECONDS = 0  # off
 DEFAULT_STATEMENT_TIMEOUT = "120s"
 DEFAULT_ALEMBIC_CONFIG = "alembic.ini"
 # The advisory-lock key is derived from this name, so two Alembic histories with different
@@ -56,6 +70,8 @@ class Settings:
     database_url_source: str | None  # the variable it came from
     alembic_config: str
     alembic_config_source: str  # "--config", "ALEMBIC_CONFIG" or "default"
+    wait_for_head_seconds: int = DEFAULT_WAIT_FOR_HEAD_SECONDS  # 0 = do not wait
+    log_format: str = "text"
 
 
 def load(environ: Mapping[str, str], *, config_option: str | None = None) -> Settings:
@@ -85,7 +101,38 @@ def load(environ: Mapping[str, str], *, config_option: str | None = None) -> Set
         database_url_source=url_source,
         alembic_config=alembic_config,
         alembic_config_source=alembic_source,
+        wait_for_head_seconds=parse_wait_seconds(
+            "MIGRATION_WAIT_FOR_HEAD_SECONDS", _value(environ, "MIGRATION_WAIT_FOR_HEAD_SECONDS")
+        ),
+        log_format=log_format(environ),
     )
+
+
+def log_format(environ: Mapping[str, str]) -> str:
+    """MIGRATION_LOG_FORMAT, read on its own first so that even config errors use it."""
+    value = _value(environ, "MIGRATION_LOG_FORMAT")
+    if value is None:
+        return "text"
+    if value.strip().lower() not in LOG_FORMATS:
+        raise ConfigError("MIGRATION_LOG_FORMAT", value, "text or json")
+    return value.strip().lower()
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(name, closest known name) for each variable that looks like ours but is not."""
+    suspects = [
+        name
+        for name in environ
+        if name.upper().startswith(_OUR_PREFIXES) and name not in KNOWN_VARIABLES
+    ]
+    if not suspects:
+        return []
+    import difflib  # only when there is something to suggest
+
+    return [
+        (name, difflib.get_close_matches(name.upper(), KNOWN_VARIABLES, n=1, cutoff=0.0)[0])
+        for name in sorted(suspects)
+    ]
 
 
 def problems(environ: Mapping[str, str]) -> dict[str, ConfigError]:
@@ -96,6 +143,10 @@ def problems(environ: Mapping[str, str]) -> dict[str, ConfigError]:
         "MIGRATION_LOCK_WAIT_SECONDS": partial(parse_wait_seconds, "MIGRATION_LOCK_WAIT_SECONDS"),
         "MIGRATION_STATEMENT_TIMEOUT": partial(parse_duration_ms, "MIGRATION_STATEMENT_TIMEOUT"),
         "MIGRATION_LOCK_KEY": parse_lock_key,
+        "MIGRATION_WAIT_FOR_HEAD_SECONDS": partial(
+            parse_wait_seconds, "MIGRATION_WAIT_FOR_HEAD_SECONDS"
+        ),
+        "MIGRATION_LOG_FORMAT": lambda value: log_format({"MIGRATION_LOG_FORMAT": value}),
         **{name: partial(check_database_url, name) for name in URL_VARIABLES},
     }
     found: dict[str, ConfigError] = {}
@@ -133,12 +184,18 @@ def parse_flag(variable: str, value: str) -> bool:
 
 
 def parse_wait_seconds(variable: str, value: str | None) -> int:
-    """Whole, non-negative seconds; unset means the default."""
+    """Whole, non-negative seconds; unset means the variable's default."""
     if value is None:
-        return DEFAULT_LOCK_WAIT_SECONDS
+        return _WAIT_DEFAULTS[variable]
     if not re.fullmatch(r"[0-9]+", value.strip()):
         raise ConfigError(variable, value, "whole seconds, 0 or more (0 means one try)")
     return int(value.strip())
+
+
+_WAIT_DEFAULTS = {
+    "MIGRATION_LOCK_WAIT_SECONDS": DEFAULT_LOCK_WAIT_SECONDS,
+    "MIGRATION_WAIT_FOR_HEAD_SECONDS": DEFAULT_WAIT_FOR_HEAD_SECONDS,
+}
 
 
 def parse_duration_ms(variable: str, value: str) -> int:

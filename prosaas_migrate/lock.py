@@ -46,6 +46,18 @@ class Holder:
     state: str | None
     state_for: float | None
 
+    def as_dict(self) -> dict[str, object]:
+        """The fields `status --json` and JSON logs show, with stable names."""
+        return {
+            "pid": self.pid,
+            "application_name": self.application_name,
+            "client_addr": self.client_addr,
+            "connected_since": self.connected_since.isoformat(),
+            "connected_seconds": round(self.connected_for, 1),
+            "state": self.state,
+            "state_seconds": None if self.state_for is None else round(self.state_for, 1),
+        }
+
     def describe(self) -> str:
         where = self.client_addr or "local socket"
         text = (

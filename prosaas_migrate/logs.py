@@ -1,4 +1,4 @@
-"""The log vocabulary: one function per event, one line per event detail, all on stderr.
+"""The log vocabulary: one function per event, rendered as text lines or one JSON object.
 
 Lines are written to the stream directly rather than through the logging module: a project's
 env.py usually calls logging.config.fileConfig(), which disables every logger created before it,
@@ -9,17 +9,43 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from prosaas_migrate.lock import Holder
 
+FORMATS = ("text", "json")
+_format = "text"
 
-def _emit(*lines: str) -> None:
+
+def configure(log_format: str) -> None:
+    """Choose the renderer for every later event: "text" (default) or "json"."""
+    global _format
+    _format = log_format
+
+
+def _emit(event: str, lines: Sequence[str], level: str = "info", **fields: Any) -> None:
     stream = sys.stderr
-    for line in lines:
-        stream.write(line + "\n")
+    if _format == "json":
+        stream.write(_json_line(event, level, lines, fields) + "\n")
+    else:
+        stream.write("".join(line + "\n" for line in lines))
     stream.flush()
+
+
+def _json_line(event: str, level: str, lines: Sequence[str], fields: dict[str, Any]) -> str:
+    import json  # only when asked for: the text path stays light
+    from datetime import UTC, datetime
+
+    record = {
+        "ts": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "level": level,
+        "event": event,
+        "message": " ".join(line.strip() for line in lines),
+        **fields,
+    }
+    # ensure_ascii: the emoji become \\u escapes, so no stream encoding can break a line.
+    return json.dumps(record, default=str)
 
 
 def _decided(decided_by: str, value: str | None) -> str:
@@ -32,94 +58,227 @@ def _decided(decided_by: str, value: str | None) -> str:
 
 def disabled(decided_by: str, value: str | None) -> None:
     _emit(
-        "🚫 MIGRATIONS_DISABLED: RUN_MIGRATIONS is not set to '1'",
-        "   Migrations are disabled for this service",
-        _decided(decided_by, value),
+        "migrations_disabled",
+        [
+            "🚫 MIGRATIONS_DISABLED: RUN_MIGRATIONS is not set to '1'",
+            "   Migrations are disabled for this service",
+            _decided(decided_by, value),
+        ],
+        decided_by=decided_by,
+        value=value,
     )
 
 
 def checkpoint(decided_by: str, value: str | None) -> None:
-    _emit("🔧 MIGRATION CHECKPOINT: Starting apply_migrations()", _decided(decided_by, value))
+    _emit(
+        "migration_checkpoint",
+        ["🔧 MIGRATION CHECKPOINT: Starting apply_migrations()", _decided(decided_by, value)],
+        decided_by=decided_by,
+        value=value,
+    )
+
+
+def unknown_variable(name: str, suggestion: str) -> None:
+    _emit(
+        "unknown_variable",
+        [f"⚠️ Unknown variable {name}: did you mean {suggestion}? (it is ignored)"],
+        level="warning",
+        variable=name,
+        suggestion=suggestion,
+    )
 
 
 def connect_retry(url: str, attempt: int, reason: str, remaining: float) -> None:
     _emit(
-        f"⏳ Database not reachable yet at {url} (attempt {attempt}): {reason}; "
-        f"retrying for up to {remaining:.0f}s more"
+        "database_retry",
+        [
+            f"⏳ Database not reachable yet at {url} (attempt {attempt}): {reason}; "
+            f"retrying for up to {remaining:.0f}s more"
+        ],
+        level="warning",
+        url=url,
+        attempt=attempt,
+        reason=reason,
+        remaining_seconds=round(remaining, 1),
+    )
+
+
+def connection_lost(url: str, reason: str) -> None:
+    _emit(
+        "connection_lost",
+        [f"⚠️ Lost the database connection while waiting for the lock: {reason}; reconnecting"],
+        level="warning",
+        url=url,
+        reason=reason,
     )
 
 
 def statement_timeout_set(value: str) -> None:
-    _emit(f"✅ Set statement_timeout to {value} for migration connection")
+    _emit(
+        "statement_timeout_set",
+        [f"✅ Set statement_timeout to {value} for migration connection"],
+        statement_timeout=value,
+    )
 
 
 def waiting(key: int, waited: float, holder: Holder | None) -> None:
     held_by = holder.describe() if holder else "no holder visible (it may have just released)"
-    _emit(f"⏳ Waiting for migration lock {key} ({waited:.0f}s so far); held by {held_by}")
+    _emit(
+        "lock_waiting",
+        [f"⏳ Waiting for migration lock {key} ({waited:.0f}s so far); held by {held_by}"],
+        key=key,
+        waited_seconds=round(waited, 1),
+        holder=holder.as_dict() if holder else None,
+    )
 
 
 def lock_acquired(key: int, waited: float) -> None:
-    _emit(f"✅ Acquired migration lock (key {key}, after {waited:.1f}s)")
+    _emit(
+        "lock_acquired",
+        [f"✅ Acquired migration lock (key {key}, after {waited:.1f}s)"],
+        key=key,
+        waited_seconds=round(waited, 1),
+    )
 
 
 def lock_timeout(waited: float) -> None:
     _emit(
-        "⚠️ MIGRATION CHECKPOINT: Could not acquire lock in time -> skipping migrations",
-        f"   Waited {waited:.0f}s but another process is running migrations",
-        "   This is SAFE - migrations will run in another container",
+        "lock_timeout",
+        [
+            "⚠️ MIGRATION CHECKPOINT: Could not acquire lock in time -> skipping migrations",
+            f"   Waited {waited:.0f}s but another process is running migrations",
+            "   This is SAFE - migrations will run in another container",
+        ],
+        level="warning",
+        waited_seconds=round(waited, 1),
     )
 
 
 def lock_released(key: int) -> None:
-    _emit(f"✅ Released migration lock (key {key})")
+    _emit("lock_released", [f"✅ Released migration lock (key {key})"], key=key)
 
 
 def lock_lost(key: int, reason: str) -> None:
     _emit(
-        f"❌ MIGRATION LOCK LOST: key {key} was no longer held at release: {reason}",
-        "   Another runner may have migrated concurrently; check the schema before trusting it",
+        "lock_lost",
+        [
+            f"❌ MIGRATION LOCK LOST: key {key} was no longer held at release: {reason}",
+            "   Another runner may have migrated concurrently; check the schema before trusting it",
+        ],
+        level="error",
+        key=key,
+        reason=reason,
+    )
+
+
+def pooler_refused(reason: str) -> None:
+    _emit(
+        "transaction_pooling_refused",
+        [
+            f"❌ Refusing to migrate through a transaction-pooling connection pooler: {reason}",
+            "   An advisory lock is held by a session; under transaction pooling it would land on",
+            "   one server connection and its unlock on another. Set MIGRATION_DATABASE_URL to",
+            "   connect straight to PostgreSQL (or use a session-pooling PgBouncer database).",
+        ],
+        level="error",
+        reason=reason,
     )
 
 
 def at_head(heads: Sequence[str], *, locked: bool) -> None:
     why = "checked again under the lock" if locked else "lock not needed"
-    _emit(f"✅ Schema is current at {_revisions(heads)}: nothing to migrate ({why})")
+    _emit(
+        "schema_current",
+        [f"✅ Schema is current at {_revisions(heads)}: nothing to migrate ({why})"],
+        heads=list(heads),
+        locked=locked,
+    )
+
+
+def waiting_for_head(target: Sequence[str], current: Sequence[str], waited: float) -> None:
+    _emit(
+        "waiting_for_head",
+        [
+            f"⏳ Waiting for the schema to reach {_revisions(target)} "
+            f"(now at {_revisions(current)}, {waited:.0f}s so far)"
+        ],
+        heads=list(target),
+        current=list(current),
+        waited_seconds=round(waited, 1),
+    )
+
+
+def head_not_reached(target: Sequence[str], current: Sequence[str], waited: float) -> None:
+    _emit(
+        "head_not_reached",
+        [
+            f"❌ The schema did not reach {_revisions(target)} within {waited:.0f}s "
+            f"(still at {_revisions(current)}): not starting the service"
+        ],
+        level="error",
+        heads=list(target),
+        current=list(current),
+        waited_seconds=round(waited, 1),
+    )
 
 
 def applying(revision: str, message: str | None) -> None:
-    _emit(f"🔧 Applying revision {revision}{_message(message)}")
+    _emit(
+        "revision_applying",
+        [f"🔧 Applying revision {revision}{_message(message)}"],
+        revision=revision,
+        revision_message=message,
+    )
 
 
 def applied(revision: str, message: str | None) -> None:
-    _emit(f"✅ Applied revision {revision}{_message(message)}")
+    _emit(
+        "revision_applied",
+        [f"✅ Applied revision {revision}{_message(message)}"],
+        revision=revision,
+        revision_message=message,
+    )
 
 
 def migrations_done(count: int, heads: Sequence[str]) -> None:
-    _emit(f"✅ Migrations complete: {count} revision(s) applied, now at {_revisions(heads)}")
+    _emit(
+        "migrations_complete",
+        [f"✅ Migrations complete: {count} revision(s) applied, now at {_revisions(heads)}"],
+        count=count,
+        heads=list(heads),
+    )
 
 
 def migration_failed(revision: str | None, error: str) -> None:
     where = f"revision {revision}" if revision else "the upgrade"
     _emit(
-        f"❌ MIGRATION FAILED in {where}: {error}",
-        "   Rolled back; the service is not started",
+        "migration_failed",
+        [f"❌ MIGRATION FAILED in {where}: {error}", "   Rolled back; the service is not started"],
+        level="error",
+        revision=revision,
+        error=error,
     )
 
 
 def exec_service(argv: Sequence[str]) -> None:
-    _emit(f"🚀 Starting service: {' '.join(argv)}")
+    _emit("service_exec", [f"🚀 Starting service: {' '.join(argv)}"], command=list(argv))
 
 
 def no_command() -> None:
-    _emit("✅ No service command given: exiting 0")
+    _emit("no_command", ["✅ No service command given: exiting 0"])
 
 
 def interrupted(signal_name: str) -> None:
-    _emit(f"🛑 Interrupted by {signal_name} before the service started: rolled back, exiting")
+    _emit(
+        "interrupted",
+        [f"🛑 Interrupted by {signal_name} before the service started: rolled back, exiting"],
+        level="warning",
+        signal=signal_name,
+    )
 
 
 def error(message: str) -> None:
-    _emit(f"❌ prosaas-migrate: {message}")
+    _emit("error", [f"❌ prosaas-migrate: {message}"], level="error", error=message)
 
 
 def _revisions(revisions: Sequence[str]) -> str:

@@ -15,21 +15,13 @@ from typing import Any
 from prosaas_migrate import __version__, config
 from prosaas_migrate.errors import ConfigError, MigrateError
 
-SETTING_VARIABLES = (
-    "RUN_MIGRATIONS",
-    "RUN_MIGRATIONS_ON_START",
-    "SERVICE_ROLE",
-    "MIGRATION_LOCK_WAIT_SECONDS",
-    "MIGRATION_STATEMENT_TIMEOUT",
-    "MIGRATION_LOCK_KEY",
-    "DATABASE_URL",
-    "MIGRATION_DATABASE_URL",
-    "ALEMBIC_CONFIG",
-)
+SETTING_VARIABLES = config.KNOWN_VARIABLES
 _DEFAULTS = {
     "MIGRATION_LOCK_WAIT_SECONDS": str(config.DEFAULT_LOCK_WAIT_SECONDS),
     "MIGRATION_STATEMENT_TIMEOUT": config.DEFAULT_STATEMENT_TIMEOUT,
     "MIGRATION_LOCK_KEY": str(config.DEFAULT_LOCK_KEY),
+    "MIGRATION_WAIT_FOR_HEAD_SECONDS": str(config.DEFAULT_WAIT_FOR_HEAD_SECONDS),
+    "MIGRATION_LOG_FORMAT": "text",
     "ALEMBIC_CONFIG": config.DEFAULT_ALEMBIC_CONFIG,
 }
 _STATUS_STATEMENT_TIMEOUT_MS = 5000  # a report must never hang on a busy server
@@ -214,15 +206,7 @@ def _lock(conn: Any, settings: config.Settings, bad: Mapping[str, ConfigError]) 
     holder = lock.holder(conn, settings.lock_key)
     section["held"] = holder is not None
     if holder is not None:
-        section["holder"] = {
-            "pid": holder.pid,
-            "application_name": holder.application_name,
-            "client_addr": holder.client_addr,
-            "connected_since": holder.connected_since.isoformat(),
-            "connected_seconds": round(holder.connected_for, 1),
-            "state": holder.state,
-            "state_seconds": None if holder.state_for is None else round(holder.state_for, 1),
-        }
+        section["holder"] = holder.as_dict()
     return section
 
 
