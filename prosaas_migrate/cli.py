@@ -10,7 +10,14 @@ from typing import NoReturn
 import click
 
 from prosaas_migrate import __version__, config, logs, runner
-from prosaas_migrate.errors import Interrupted, LockLost, MigrateError, MigrationFailed
+from prosaas_migrate.errors import (
+    HeadNotReached,
+    Interrupted,
+    LockLost,
+    MigrateError,
+    MigrationFailed,
+    TransactionPooling,
+)
 
 
 def load_dotenv_file(environ: dict[str, str] | os._Environ[str], path: str) -> set[str]:
@@ -138,7 +145,7 @@ def _report(exc: MigrateError) -> None:
         logs.migration_failed(exc.revision, exc.cause)
     elif isinstance(exc, LockLost):
         logs.lock_lost(exc.key, exc.reason)
-    else:
+    elif not isinstance(exc, HeadNotReached | TransactionPooling):  # logged where they happen
         logs.error(str(exc))
 
 

@@ -16,6 +16,21 @@ from prosaas_migrate.errors import DatabaseUnreachable, SessionSettingRejected
 # never eats the whole wait budget while the server is still starting.
 _ATTEMPT_TIMEOUT_SECONDS = 3
 _RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0)
+# Notice a vanished peer within seconds, both ways: libpq's keepalives tell us the server is
+# gone; the server's (tcp_keepalives_*) and client_connection_check_interval tell it that a
+# killed runner is gone, even in the middle of a long statement, so its lock is freed at once.
+_KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+}
+_SERVER_SETTINGS = {
+    "tcp_keepalives_idle": "5",
+    "tcp_keepalives_interval": "2",
+    "tcp_keepalives_count": "3",
+}
+_CLIENT_CHECK = ("client_connection_check_interval", "1s", 140000)  # PostgreSQL 14+
 
 
 def application_name(hostname: str) -> str:
@@ -42,6 +57,7 @@ def connect(
                 autocommit=True,
                 application_name=app_name,
                 connect_timeout=_ATTEMPT_TIMEOUT_SECONDS,
+                **_KEEPALIVES,
             )
         except psycopg.OperationalError as exc:
             reason = _first_line(str(exc), url)
@@ -62,15 +78,24 @@ def set_session_settings(
     Run on every new connection (ours and any engine a project's env.py builds): unlike libpq's
     `options` startup parameter, this survives PgBouncer, and in autocommit no rollback undoes it.
     """
+    settings = {
+        "statement_timeout": str(statement_timeout_ms),
+        "application_name": app_name,
+        **_SERVER_SETTINGS,
+    }
+    name, value, since = _CLIENT_CHECK
+    if dbapi_connection.info.server_version >= since:
+        settings[name] = value
     previous = dbapi_connection.autocommit
     if not previous:
         dbapi_connection.rollback()
         dbapi_connection.autocommit = True
     try:
+        # Names and values are bound parameters: nothing configured is pasted into SQL text.
         dbapi_connection.execute(
-            "SELECT set_config('statement_timeout', %s, false),"
-            " set_config('application_name', %s, false)",
-            [str(statement_timeout_ms), app_name],
+            "SELECT set_config(name, value, false) FROM unnest(%s::text[], %s::text[])"
+            " AS s(name, value)",
+            [list(settings), list(settings.values())],
         )
     finally:
         dbapi_connection.autocommit = previous
@@ -82,6 +107,47 @@ def verify_statement_timeout(conn: psycopg.Connection[Any], wanted: str, wanted_
     shown = str(row[0]) if row else ""
     if parse_duration_ms("statement_timeout", shown) != wanted_ms:
         raise SessionSettingRejected("statement_timeout", wanted, shown)
+
+
+def transaction_pooling(conn: psycopg.Connection[Any], url: str) -> str | None:
+    """Why `conn` looks like it goes through a transaction-pooling pooler, or None.
+
+    A session advisory lock needs one server session from lock to unlock. A direct connection
+    reaches the server at the address and port it dialled, so only a mismatch (a pooler, a
+    proxy, a NAT) pays for the real probe: while a second connection holds a transaction open,
+    `conn` gets some server session; once that transaction ends, a transaction pooler hands
+    `conn` the freed one on its next statement, while a session pooler never changes it.
+    """
+    row = conn.execute("SELECT host(inet_server_addr()), inet_server_port()").fetchone()
+    server = (_address(row[0]), row[1]) if row else (None, None)
+    dialled = (_address(conn.info.hostaddr or None), conn.info.port if row and row[1] else None)
+    if server == dialled:
+        return None
+    other = psycopg.connect(url, connect_timeout=_ATTEMPT_TIMEOUT_SECONDS)
+    try:
+        other.execute("SELECT 1")  # opens a transaction, pinning a server connection
+        before = conn.execute("SELECT pg_backend_pid()").fetchone()
+        other.commit()
+        after = conn.execute("SELECT pg_backend_pid()").fetchone()
+    finally:
+        other.close()
+    if before != after:
+        return (
+            f"consecutive statements ran in different server sessions "
+            f"(pid {before[0] if before else '?'}, then {after[0] if after else '?'})"
+        )
+    return None
+
+
+def _address(text: str | None) -> str | None:
+    if not text:
+        return None
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return text
 
 
 def current_revisions(conn: psycopg.Connection[Any]) -> tuple[str, ...]:

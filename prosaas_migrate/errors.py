@@ -89,6 +89,32 @@ class LockLost(MigrateError):
         super().__init__(f"migration lock {key} was lost: {reason}")
 
 
+class TransactionPooling(MigrateError):
+    """The migration URL goes through a pooler that does not keep one server session."""
+
+    exit_code = ExitCode.USAGE
+
+    def __init__(self, variable: str, reason: str) -> None:
+        self.variable = variable
+        self.reason = reason
+        super().__init__(f"{variable} goes through a transaction-pooling pooler: {reason}")
+
+
+class HeadNotReached(MigrateError):
+    """A container told to wait for the schema gave up before it reached head."""
+
+    exit_code = ExitCode.NOT_AT_HEAD
+
+    def __init__(self, heads: tuple[str, ...], current: tuple[str, ...], waited: float) -> None:
+        self.heads = heads
+        self.current = current
+        self.waited = waited
+        super().__init__(
+            f"the schema did not reach {', '.join(heads) or 'base'} within {waited:.0f}s "
+            f"(still at {', '.join(current) or 'base'})"
+        )
+
+
 class ExecFailed(MigrateError):
     """The service command could not be started."""
 

@@ -124,20 +124,10 @@ def release(conn: psycopg.Connection[Any], key: int) -> None:
 
 
 @contextmanager
-def held(
-    conn: psycopg.Connection[Any],
-    key: int,
-    deadline: float,
-    **waiting: Any,
-) -> Iterator[tuple[bool, float]]:
-    """Yield (acquired, waited); release on the way out without hiding the body's own error."""
-    acquired, waited = acquire_within(conn, key, deadline, **waiting)
-    if not acquired:
-        yield False, waited
-        return
-    logs.lock_acquired(key, waited)
+def releasing(conn: psycopg.Connection[Any], key: int) -> Iterator[None]:
+    """Release the held lock on the way out, without hiding the body's own error."""
     try:
-        yield True, waited
+        yield
     except BaseException:
         try:
             release(conn, key)

@@ -106,7 +106,7 @@ def connect_retry(url: str, attempt: int, reason: str, remaining: float) -> None
 def connection_lost(url: str, reason: str) -> None:
     _emit(
         "connection_lost",
-        [f"⚠️ Lost the database connection while waiting for the lock: {reason}; reconnecting"],
+        [f"⚠️ Lost the database connection: {reason}; reconnecting"],
         level="warning",
         url=url,
         reason=reason,
@@ -204,6 +204,15 @@ def waiting_for_head(target: Sequence[str], current: Sequence[str], waited: floa
         ],
         heads=list(target),
         current=list(current),
+        waited_seconds=round(waited, 1),
+    )
+
+
+def head_reached(target: Sequence[str], waited: float) -> None:
+    _emit(
+        "head_reached",
+        [f"✅ Schema is at {_revisions(target)} (waited {waited:.1f}s): starting the service"],
+        heads=list(target),
         waited_seconds=round(waited, 1),
     )
 

@@ -102,11 +102,20 @@ def test_acquire_within_takes_a_freed_lock(
     assert lock.holder(other, 42) is not None
 
 
-def test_held_releases_on_error_without_hiding_it(conn: psycopg.Connection[Any]) -> None:
-    with pytest.raises(ZeroDivisionError), lock.held(conn, 42, 0.0) as (acquired, _):
-        assert acquired
+def test_releasing_releases_on_error_without_hiding_it(conn: psycopg.Connection[Any]) -> None:
+    assert lock.try_acquire(conn, 42)
+    with pytest.raises(ZeroDivisionError), lock.releasing(conn, 42):
+        assert lock.holder(conn, 42) is not None
         _ = 1 / 0
     assert lock.holder(conn, 42) is None
+
+
+def test_releasing_reports_a_lost_lock_but_raises_the_first_error(
+    conn: psycopg.Connection[Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ZeroDivisionError), lock.releasing(conn, 42):  # never acquired
+        _ = 1 / 0
+    assert "MIGRATION LOCK LOST" in capsys.readouterr().err
 
 
 def test_release_of_a_lock_not_held_is_lock_lost(conn: psycopg.Connection[Any]) -> None:
