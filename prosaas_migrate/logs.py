@@ -7,8 +7,10 @@ and the lines after an upgrade ("Released migration lock") must never vanish.
 
 from __future__ import annotations
 
+import io
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -25,12 +27,57 @@ def configure(log_format: str) -> None:
 
 
 def _emit(event: str, lines: Sequence[str], level: str = "info", **fields: Any) -> None:
-    stream = sys.stderr
+    stream = _real_stderr or sys.stderr
     if _format == "json":
         stream.write(_json_line(event, level, lines, fields) + "\n")
     else:
         stream.write("".join(line + "\n" for line in lines))
     stream.flush()
+
+
+_real_stderr: Any = None  # set while foreign output is being wrapped
+
+
+@contextmanager
+def foreign_output_as_events(source: str) -> Iterator[None]:
+    """In JSON mode, turn what a project's env.py writes to stderr into `output` events.
+
+    Its logging.config.fileConfig() binds handlers to sys.stderr as it is at that moment, so
+    swapping sys.stderr for the upgrade catches Alembic's own log lines too.
+    """
+    global _real_stderr
+    if _format != "json":
+        yield
+        return
+    _real_stderr, sys.stderr = sys.stderr, _LineEvents(source)
+    try:
+        yield
+    finally:
+        wrapper, sys.stderr, _real_stderr = sys.stderr, _real_stderr, None
+        if isinstance(wrapper, _LineEvents):
+            wrapper.flush_partial()
+
+
+class _LineEvents(io.TextIOBase):
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.pending = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if line.strip():
+                _emit("output", [line], source=self.source)
+        return len(text)
+
+    def flush_partial(self) -> None:
+        if self.pending.strip():
+            _emit("output", [self.pending], source=self.source)
+        self.pending = ""
 
 
 def _json_line(event: str, level: str, lines: Sequence[str], fields: dict[str, Any]) -> str:

@@ -69,7 +69,7 @@ def upgrade_to_head(
 
     event.listen(Pool, "connect", session_setup)
     try:
-        with engine.connect() as connection:
+        with logs.foreign_output_as_events("env.py"), engine.connect() as connection:
             cfg.attributes["connection"] = connection
             with EnvironmentContext(
                 cfg, script, fn=tracker.steps, destination_rev="heads", as_sql=False

@@ -14,10 +14,25 @@ ensure_postgres_binaries() {
     echo "no PostgreSQL server in $PG_BINDIR: install postgresql-15 (or set PROSAAS_TEST_DATABASE_URL)" >&2
     exit 1
   fi
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-upgrade postgresql-15 >/dev/null
+  apt_install postgresql-15
   # The package may start a cluster of its own; we only want its binaries.
   service postgresql stop >/dev/null 2>&1 || true
+}
+
+# PgBouncer, for the tests that prove transaction pooling is refused and session pooling works.
+ensure_pgbouncer() {
+  if [ -x /usr/sbin/pgbouncer ] || [ "$(id -u)" -ne 0 ]; then
+    return  # without it (and not root to install it) those tests say why they skip
+  fi
+  step "installing PgBouncer"
+  apt_install pgbouncer
+  service pgbouncer stop >/dev/null 2>&1 || true
+}
+
+apt_install() {
+  [ -n "${APT_UPDATED:-}" ] || { apt-get update -qq; APT_UPDATED=1; }
+  # --no-upgrade: without it apt also upgrades the machine's PostgreSQL packages.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-upgrade "$@" >/dev/null
 }
 
 ensure_venv() {

@@ -75,3 +75,62 @@ class Cluster:
         if check and result.returncode != 0:
             raise RuntimeError(f"{tool} failed ({result.returncode}): {result.stderr.strip()}")
         return result
+
+
+PGBOUNCER = Path(os.environ.get("PROSAAS_PGBOUNCER", "/usr/sbin/pgbouncer"))
+
+
+class PgBouncer:
+    """A PgBouncer in front of `cluster` on 127.0.0.1, in the given pool mode."""
+
+    def __init__(self, cluster: Cluster, pool_mode: str) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix=f"prosaas-pgbouncer-{pool_mode}-"))
+        self.port = free_port()
+        (self.base / "userlist.txt").write_text('"postgres" ""\n')
+        (self.base / "pgbouncer.ini").write_text(
+            "[databases]\n"
+            f"* = host=127.0.0.1 port={cluster.port}\n"
+            "[pgbouncer]\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
+            f"auth_type = trust\nauth_file = {self.base}/userlist.txt\n"
+            f"pool_mode = {pool_mode}\ndefault_pool_size = 20\nmax_client_conn = 200\n"
+            f"logfile = {self.base}/pgbouncer.log\npidfile = {self.base}/pgbouncer.pid\n"
+            "ignore_startup_parameters = extra_float_digits\n"
+        )
+        as_postgres = os.geteuid() == 0  # PgBouncer refuses to run as root
+        if as_postgres:
+            for path in (self.base, *self.base.iterdir()):
+                shutil.chown(path, "postgres", "postgres")
+        argv = [str(PGBOUNCER), "-d", str(self.base / "pgbouncer.ini")]
+        if as_postgres:
+            argv = ["runuser", "-u", "postgres", "--", *argv]
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"pgbouncer failed: {result.stderr.strip()}")
+        self._wait_listening()
+
+    def _wait_listening(self) -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"pgbouncer never listened: {(self.base / 'pgbouncer.log').read_text()}")
+
+    def url(self, dbname: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    def stop(self) -> None:
+        pidfile = self.base / "pgbouncer.pid"
+        if pidfile.exists():
+            pid = int(pidfile.read_text().split()[0])
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.05)
+        shutil.rmtree(self.base, ignore_errors=True)
