@@ -44,8 +44,17 @@ _INT32_MAX = 2**31 - 1  # statement_timeout's upper bound, in milliseconds
 
 # PostgreSQL's own grammar for a time setting: a number, optional spaces, an optional unit.
 # Units are case-sensitive there ("120S" is rejected), and a bare number means milliseconds.
-_DURATION = re.compile(r"[ \t]*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)[ \t]*(us|ms|s|min|h|d)?[ \t]*")
-_MS_PER_UNIT = {"us": 0.001, "ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
+# It reads integers with strtol(base 0), so a leading zero means octal ("010" is 8 ms): refuse
+# those rather than disagree with the server.
+# A number that starts with "." may not follow blanks: strtol skips them, but the server's
+# strtod fallback restarts from the original text, so " .5" is refused there.
+_DURATION = re.compile(
+    r"(?:[ \t]*(?=[0-9])|(?=\.))((?:0|[1-9][0-9]*)(?:\.[0-9]*)?|\.[0-9]+)"
+    r"[ \t]*(us|ms|s|min|h|d)?[ \t]*"
+)
+# Largest first, as in PostgreSQL's unit table: each unit's next smaller one follows it.
+_MS_PER_UNIT = {"d": 86_400_000, "h": 3_600_000, "min": 60_000, "s": 1000, "ms": 1, "us": 1 / 1000}
+_SMALLER_UNIT = dict(zip(_MS_PER_UNIT, list(_MS_PER_UNIT)[1:], strict=False))
 _DURATION_GRAMMAR = (
     "a PostgreSQL duration: a number with an optional unit us, ms, s, min, h or d "
     "(120s, 2min, 0.5h, 1500ms; no unit means ms; 0 means no timeout), at most 2147483647ms"
@@ -203,8 +212,14 @@ def parse_duration_ms(variable: str, value: str) -> int:
     match = _DURATION.fullmatch(value)
     if not match:
         raise ConfigError(variable, value, _DURATION_GRAMMAR)
-    number, unit = float(match.group(1)), match.group(2) or "ms"
-    ms = round(number * _MS_PER_UNIT[unit])
+    number, unit = float(match.group(1)), match.group(2)
+    scaled: float = number
+    if unit is not None:
+        # As PostgreSQL's convert_to_base_unit: 0.1d is 2.4h, kept as a whole 2h.
+        scaled = number * _MS_PER_UNIT[unit]
+        if smaller := _SMALLER_UNIT.get(unit):
+            scaled = round(scaled / _MS_PER_UNIT[smaller]) * _MS_PER_UNIT[smaller]
+    ms = round(scaled)  # half to even, like the server's rint()
     if ms > _INT32_MAX or (ms == 0 and number != 0):
         # Rounding a tiny value down to 0 would silently switch the timeout off.
         raise ConfigError(variable, value, _DURATION_GRAMMAR)
@@ -235,11 +250,16 @@ def check_database_url(variable: str, url: str) -> str:
     if not sep or scheme.lower() not in _URL_SCHEMES:
         raise ConfigError(variable, redact_url(url), _URL_GRAMMAR)
     normalised = f"postgresql://{rest}"
+    # libpq's own parser is the judge (bad percent-encoding, a port that is no number...).
     from urllib.parse import urlsplit
 
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
     try:
-        urlsplit(normalised).port  # noqa: B018 - raises ValueError on a port that is no number
-    except ValueError:
+        conninfo_to_dict(normalised)
+        urlsplit(normalised).port  # noqa: B018 - libpq only fails on a bad port when connecting
+    except (ProgrammingError, ValueError):
         raise ConfigError(variable, redact_url(url), _URL_GRAMMAR) from None
     return normalised
 

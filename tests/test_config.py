@@ -57,6 +57,7 @@ def test_run_decision_precedence(environ: dict[str, str], run: bool, decided_by:
         ("MIGRATION_STATEMENT_TIMEOUT", "1s'; DROP TABLE x; --"),
         ("MIGRATION_STATEMENT_TIMEOUT", "30d"),  # over PostgreSQL's 2147483647 ms
         ("MIGRATION_STATEMENT_TIMEOUT", "0.1us"),  # would round to 0, i.e. no timeout
+        ("MIGRATION_STATEMENT_TIMEOUT", "010"),  # octal 8 ms to PostgreSQL
         ("MIGRATION_LOCK_KEY", str(2**63)),
         ("MIGRATION_LOCK_KEY", str(-(2**63) - 1)),
         ("MIGRATION_LOCK_KEY", "0x10"),
@@ -84,6 +85,10 @@ def test_invalid_values_name_the_variable_and_value(variable: str, value: str) -
         ("1d", 86_400_000),
         (" 120 s ", 120_000),
         ("2147483647", 2_147_483_647),
+        ("0.1d", 7_200_000),  # 2.4 h, kept by PostgreSQL as a whole 2 h
+        ("0.7d", 61_200_000),  # 16.8 h -> 17 h
+        ("2.5ms", 2),  # 2500 us -> 2.5 ms -> half to even
+        ("1.005s", 1005),
     ],
 )
 def test_statement_timeout_grammar(value: str, ms: int) -> None:

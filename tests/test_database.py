@@ -16,7 +16,7 @@ from tests.pgcluster import free_port
 DURATIONS = [
     "120s", "2min", "0.5h", "1500ms", "10", "0", "1d", "24d", "30d", " 120 s ", "120S",
     "120 sec", "-5s", "500us", "600us", "1500us", "0.5ms", "2.5ms", ".5s", "5.", "1e3", "0x10",
-    "2147483647", "2147483648", "abc", "1s'; DROP TABLE x; --",
+    "2147483647", "2147483648", "abc", "1s'; DROP TABLE x; --", "010", "08", "0.1d", "0.7d",
 ]  # fmt: skip
 
 
