@@ -19,7 +19,7 @@ import psycopg
 
 from prosaas_migrate.config import DEFAULT_LOCK_KEY
 from tests import project
-from tests.conftest import BIN, clean_env
+from tests.conftest import BIN, Running, clean_env
 from tests.pgcluster import Cluster
 
 ALEMBIC = Path(sys.executable).parent / "alembic"
@@ -142,6 +142,37 @@ def bench_handoff(cluster: Cluster, work: Path, rounds: int) -> None:
     )
 
 
+def bench_dead_runner(cluster: Cluster, work: Path, rounds: int) -> None:
+    """SIGKILL a runner mid-statement; how soon does the next (waiting) runner get the lock?"""
+    for seconds in (10, 60):
+        delays = []
+        for attempt in range(max(2, rounds // 5)):
+            url = new_database(cluster, f"dead_{seconds}_{attempt}")
+            app = work / f"dead_{seconds}_{attempt}"
+            project.create(app, [project.Revision("r001", sql=[f"SELECT pg_sleep({seconds})"])])
+            env = clean_env(
+                {"RUN_MIGRATIONS": "1", "DATABASE_URL": url, "MIGRATION_LOCK_WAIT_SECONDS": "120"}
+            )
+            victim = Running(["run"], env, app)
+            victim.wait_for("Applying revision r001")
+            successor = Running(["run"], env, app)
+            successor.wait_for("Waiting for migration lock")
+            time.sleep(0.3)
+            killed = time.monotonic()
+            victim.proc.kill()
+            successor.wait_for("Acquired migration lock", timeout=seconds + 30)
+            delays.append(time.monotonic() - killed)
+            victim.finish()
+            successor.proc.kill()
+            successor.finish()
+        median = statistics.median(delays)
+        print(
+            f"dead runner, {seconds} s statement: next runner has the lock {median:.1f} s after "
+            f"the SIGKILL (goal ~2 s), {median / seconds:.2f}x the statement's length",
+            flush=True,
+        )
+
+
 def wait_until_waiting(holder: psycopg.Connection[tuple[object, ...]]) -> None:
     """Until a second session, the runner, is connected with our application_name."""
     deadline = time.monotonic() + 20
@@ -173,6 +204,7 @@ def main() -> None:
             bench_noop_at_head(cluster, work, rounds)
             bench_status(cluster, work, rounds)
             bench_handoff(cluster, work, rounds)
+            bench_dead_runner(cluster, work, rounds)
     finally:
         cluster.destroy()
 
