@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import os
 import sys
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 import click
 
@@ -138,6 +138,40 @@ def status(ctx: click.Context, config_path: str | None, as_json: bool, check: bo
         color = False if os.environ.get("NO_COLOR") else None
         click.echo(report_status.render_text(report, style=click.style), color=color)
     sys.exit(report_status.exit_code(report, check=check))
+
+
+@main.command("worker-trace")
+@click.argument("source", default="-", metavar="[FILE|-]", type=click.File("r", errors="replace"))
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.option(
+    "--loop-threshold",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Picks without a download that make a recording loop.",
+)
+def worker_trace(source: TextIO, as_json: bool, loop_threshold: int) -> NoReturn:
+    """Find recording loops, leaked slots and repeated failures in worker logs.
+
+    Reads the WORKER_* events (text or JSON lines, mixed with anything else, with or without
+    the prefixes `docker compose logs` adds) from FILE or standard input, streaming. Exits 1
+    when it finds a loop, a leaked slot or a double release, so it can gate a CI job.
+
+    \b
+    Example:
+        docker compose logs --no-color worker | prosaas-migrate worker-trace
+        prosaas-migrate worker-trace --json --loop-threshold 5 worker.log
+    """
+    from prosaas_migrate import worker_trace as trace
+
+    report = trace.Trace(loop_threshold=loop_threshold).read(source).report()
+    if as_json:
+        import json
+
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(trace.render_text(report))
+    sys.exit(1 if trace.problems_found(report) else 0)
 
 
 def _report(exc: MigrateError) -> None:

@@ -1,0 +1,167 @@
+"""Realistic worker logs with known anomalies planted among normal, interleaved jobs."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+from prosaas_migrate.worker_events import (
+    DOWNLOAD_DONE,
+    JOB_FAILED,
+    PICKED,
+    RELEASE_SLOT,
+    SLOT_ACQUIRED,
+    format_line,
+)
+
+# What generate(..., plant=True) hides among the normal jobs, and what worker-trace must find.
+PLANTED = {
+    "recording_loops": {"CALOOP1": 4, "CALOOP2": 3},
+    "leaked_slots": {"CALEAK1": "still held at end of input",
+                     "CALEAK2": "picked again before its slot was released"},
+    "double_releases": {"CADOUBLE1"},
+    "repeated_failures": {"CAFAIL1": 2, "CALOOP1": 4},  # CALOOP1 failed on every pick
+}  # fmt: skip
+
+NOISE = [
+    "INFO  [werkzeug] 127.0.0.1 - - GET /healthz HTTP/1.1 200 -",
+    "DEBUG [worker] polling queue recordings (depth=3)",
+    "config: WORKER_CONCURRENCY=8 WORKER_TIMEOUT=30",
+    "[WORKER_STARTED] pid=7",  # a tag that is not an event
+    "Traceback (most recent call last):",
+]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 28, 10, 0, 0, tzinfo=UTC)
+
+    def tick(self, rng: random.Random) -> str:
+        self.now += timedelta(milliseconds=rng.randint(1, 400))
+        return self.now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _render(event: str, fields: dict[str, object], ts: str, rng: random.Random) -> str:
+    style = rng.random()
+    if style < 0.15:  # a JSON-lines worker (MIGRATION_LOG_FORMAT=json)
+        return json.dumps({"ts": ts, "level": "info", "event": event,
+                           "message": format_line(event, fields), **fields})  # fmt: skip
+    line = format_line(event, fields)
+    if style < 0.55:
+        line = f"{ts} INFO {line}"
+    if style > 0.7:  # as `docker compose logs` shows it
+        line = f"worker-{rng.randint(1, 3)}  | {line}"
+    return line
+
+
+def _job(call_sid: str, business: int, *, fail_first: bool, rng: random.Random) -> list[Step]:
+    steps: list[Step] = []
+    attempts = [False, True] if fail_first else [True]
+    for succeeds in attempts:
+        steps.append((PICKED, {"job_type": "download_only", "call_sid": call_sid,
+                               "business_id": business}))  # fmt: skip
+        steps.append((SLOT_ACQUIRED, {"call_sid": call_sid, "business_id": business}))
+        if succeeds:
+            steps.append((DOWNLOAD_DONE, {"call_sid": call_sid, "file": f"{call_sid}.mp3",
+                                          "bytes": rng.randint(10_000, 9_000_000)}))  # fmt: skip
+            reason = "success"
+        else:
+            steps.append((JOB_FAILED, {"call_sid": call_sid, "business_id": business,
+                                       "error": "twilio 503: service unavailable"}))  # fmt: skip
+            reason = "error"
+        steps.append((RELEASE_SLOT, {"call_sid": call_sid, "business_id": business,
+                                     "reason": reason}))  # fmt: skip
+    return steps
+
+
+Step = tuple[str, dict[str, object]]
+
+
+def _ev(event: str, call: str, **more: object) -> Step:
+    fields: dict[str, object] = {"call_sid": call}
+    if event == PICKED:
+        fields = {"job_type": "download_only", **fields}
+    if event != DOWNLOAD_DONE:
+        fields["business_id"] = 7
+    return event, {**fields, **more}
+
+
+def _failing_pick(call: str) -> list[Step]:
+    return [
+        _ev(PICKED, call),
+        _ev(SLOT_ACQUIRED, call),
+        _ev(JOB_FAILED, call, error="timeout"),
+        _ev(RELEASE_SLOT, call, reason="error"),
+    ]
+
+
+def _download(call: str) -> Step:
+    return _ev(DOWNLOAD_DONE, call, file=f"{call}.mp3", bytes=1)
+
+
+def _planted() -> list[list[Step]]:
+    return [
+        [step for _ in range(4) for step in _failing_pick("CALOOP1")],
+        [
+            _ev(PICKED, "CALOOP2"),
+            _ev(SLOT_ACQUIRED, "CALOOP2"),
+            _ev(RELEASE_SLOT, "CALOOP2", reason="skipped"),
+        ]
+        * 3,
+        [_ev(PICKED, "CALEAK1"), _ev(SLOT_ACQUIRED, "CALEAK1"), _download("CALEAK1")],
+        [
+            _ev(PICKED, "CALEAK2"),
+            _ev(SLOT_ACQUIRED, "CALEAK2"),
+            _ev(JOB_FAILED, "CALEAK2", error="disk full"),
+            _ev(PICKED, "CALEAK2"),
+            _ev(SLOT_ACQUIRED, "CALEAK2"),
+            _download("CALEAK2"),
+            _ev(RELEASE_SLOT, "CALEAK2", reason="success"),
+        ],
+        [
+            _ev(PICKED, "CADOUBLE1"),
+            _ev(SLOT_ACQUIRED, "CADOUBLE1"),
+            _download("CADOUBLE1"),
+            _ev(RELEASE_SLOT, "CADOUBLE1", reason="success"),
+            _ev(RELEASE_SLOT, "CADOUBLE1", reason="success"),
+        ],
+        _failing_pick("CAFAIL1") + _failing_pick("CAFAIL1"),
+    ]
+
+
+def generate(
+    jobs: int, *, seed: int = 0, plant: bool = True, concurrency: int = 8, businesses: int = 25
+) -> Iterator[str]:
+    """Log lines (no newline) for `jobs` normal jobs, interleaved, with noise and, if `plant`,
+    the anomalies of PLANTED spread through the log."""
+    rng = random.Random(seed)
+    clock = Clock()
+    started = 0
+    planted = _planted() if plant else []
+    active: list[list[Step]] = []
+    while True:
+        while len(active) < concurrency and (started < jobs or planted):
+            if planted and rng.random() < len(planted) / max(1, jobs - started + len(planted)):
+                active.append(list(planted.pop()))
+                continue
+            if started >= jobs:
+                active.append(list(planted.pop()))
+                continue
+            fail_first = rng.random() < 0.05  # one retry: normal, not a loop
+            active.append(
+                _job(
+                    f"CA{started:010x}", rng.randint(1, businesses), fail_first=fail_first, rng=rng
+                )
+            )
+            started += 1
+        if not active:
+            return
+        if rng.random() < 0.3:
+            yield rng.choice(NOISE)
+        job = rng.choice(active)
+        event, fields = job.pop(0)
+        yield _render(event, fields, clock.tick(rng), rng)
+        if not job:
+            active.remove(job)
