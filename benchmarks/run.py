@@ -7,6 +7,7 @@ so commands are interleaved with their baselines and medians are reported.
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from prosaas_migrate.config import DEFAULT_LOCK_KEY
 from tests import project
 from tests.conftest import BIN, Running, clean_env
 from tests.pgcluster import Cluster
+from tests.worker_logs import generate
 
 ALEMBIC = Path(sys.executable).parent / "alembic"
 
@@ -173,6 +175,46 @@ def bench_dead_runner(cluster: Cluster, work: Path, rounds: int) -> None:
         )
 
 
+def bench_worker_trace(work: Path, rounds: int) -> None:
+    """worker-trace over a million lines against grep -c WORKER_PICKED on the same file."""
+    files = {}
+    for lines in (200_000, 1_000_000):
+        path = work / f"worker-{lines}.log"
+        with path.open("w") as out:
+            for count, line in enumerate(generate(lines // 5, seed=11), start=1):
+                out.write(line + "\n")
+                if count >= lines:
+                    break
+        files[lines] = path
+    big = files[1_000_000]
+    env = clean_env()
+    trace = [str(BIN), "worker-trace", str(big)]
+    grep = ["grep", "-c", "WORKER_PICKED", str(big)]
+
+    def timed_any(argv: list[str]) -> float:  # both exit 1 by design on findings / no match
+        started = time.perf_counter()
+        subprocess.run(argv, env=env, capture_output=True, check=False)
+        return time.perf_counter() - started
+
+    compare(
+        "worker-trace on 1,000,000 lines vs grep -c WORKER_PICKED", "report only",
+        lambda: timed_any(trace), lambda: timed_any(grep), max(3, rounds // 5),
+    )  # fmt: skip
+    rss = {}
+    for lines, path in files.items():
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        subprocess.run([str(BIN), "worker-trace", str(path)], env=env, capture_output=True)
+        rss[lines] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        if rss[lines] <= before:  # ru_maxrss is the largest child so far: measure in order
+            rss[lines] = before
+    print(
+        f"worker-trace peak memory: {rss[200_000] / 1024:.0f} MiB at 200,000 lines, "
+        f"{rss[1_000_000] / 1024:.0f} MiB at 1,000,000 lines "
+        f"({rss[1_000_000] / rss[200_000]:.2f}x for 5x the lines)",
+        flush=True,
+    )
+
+
 def wait_until_waiting(holder: psycopg.Connection[tuple[object, ...]]) -> None:
     """Until a second session, the runner, is connected with our application_name."""
     deadline = time.monotonic() + 20
@@ -205,6 +247,7 @@ def main() -> None:
             bench_status(cluster, work, rounds)
             bench_handoff(cluster, work, rounds)
             bench_dead_runner(cluster, work, rounds)
+            bench_worker_trace(work, rounds)
     finally:
         cluster.destroy()
 

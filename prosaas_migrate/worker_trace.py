@@ -28,6 +28,7 @@ _TIMESTAMP = re.compile(
     r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:[.,]\d+)?(?:Z|[+-]\d{2}:?\d{2})?"
 )
 _PAIR = re.compile(r'\s*([A-Za-z_][\w.-]*)=("(?:[^"\\]|\\.)*"|[^\s"]*)')
+_BARE_PAIR = re.compile(r"([A-Za-z_][\w.-]*)=(\S*)")
 _UNESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|.)")
 _JSON_ENVELOPE = ("ts", "level", "event", "message")
 HISTORY = 20  # lifecycle events kept for each call that is reported
@@ -73,6 +74,8 @@ def _parse_json(text: str) -> Event | None:
 
 def _parse_pairs(text: str) -> dict[str, str]:
     """key=value pairs, left to right; a quoted value is taken whole, never searched inside."""
+    if '"' not in text:  # no quoted value, so no value holds a blank: one pass does it
+        return dict(_BARE_PAIR.findall(text))
     fields: dict[str, str] = {}
     position = 0
     while True:
