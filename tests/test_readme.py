@@ -44,6 +44,6 @@ def test_every_json_event_is_documented() -> None:
     source = (Path(__file__).resolve().parent.parent / "prosaas_migrate" / "logs.py").read_text()
     emitted = set(re.findall(r'_emit\(\s*"(\w+)"', source))
     assert len(emitted) > 20  # the pattern really finds them
-    section = README.split("MIGRATION_LOG_FORMAT=json", 1)[1].split("\n## ", 1)[0]
+    section = README.split("With `MIGRATION_LOG_FORMAT=json` every line", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"`(\w+)`", section))
     assert emitted <= documented, emitted - documented
