@@ -15,6 +15,7 @@ from typing import Any
 import compose
 import pytest
 
+from prosaas_migrate.worker_trace import Trace, problems_found
 from tests.conftest import clean_env, version
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,6 +108,10 @@ def test_demo_plays_the_compose_file_with_racing_api_replicas(db_url: str) -> No
         assert not any("migration lock" in line for line in own)
     assert output.count("exited with code 0") == 5
     assert output.count("stopped cleanly") == 5
+    # The example worker logs real worker events; as prefixed by the demo they trace clean.
+    trace = Trace().read(line for line in lines if line.startswith("worker-1 "))
+    assert trace.report()["jobs_completed"] >= 1
+    assert not problems_found(trace.report())
 
 
 def test_demo_starts_its_own_database_and_stops_by_itself() -> None:

@@ -67,10 +67,30 @@ def api() -> int:
 def long_running(service: str) -> int:
     stopped = on_stop(None)
     say(service, f"started (pid={os.getpid()}); waiting for jobs")
+    if service == "worker":
+        return recording_worker(stopped)
     while not stopped.wait(30):
         say(service, "idle")
     say(service, "stopped cleanly")
     return 0
+
+
+def recording_worker(stopped: threading.Event) -> int:
+    """Pretend to download a call recording every 10 s, logging the worker events."""
+    from prosaas_migrate import worker_events as events
+
+    events.configure_logging(stream=sys.stdout)
+    number = 0
+    while True:
+        number += 1
+        call_sid, business_id = f"CA{number:032x}", 42
+        events.picked("download_only", call_sid, business_id)
+        events.slot_acquired(call_sid, business_id)
+        events.download_done(call_sid, file=f"{call_sid}.mp3", size=1_234_567)
+        events.release_slot(call_sid, business_id, reason="success")
+        if stopped.wait(10):
+            say("worker", "stopped cleanly")
+            return 0
 
 
 def healthcheck() -> int:
