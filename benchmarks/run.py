@@ -64,7 +64,7 @@ def bench_disabled_path(work: Path, rounds: int) -> None:
 
 
 def bench_noop_at_head(cluster: Cluster, work: Path, rounds: int) -> None:
-    url = new_database(cluster, "noop")
+    url = cluster.create_database("noop")
     app = work / "noop"
     project.create(app, project.linear(20), env="stock", url=url)
     env = clean_env({"RUN_MIGRATIONS": "1", "DATABASE_URL": url})
@@ -79,7 +79,7 @@ def bench_noop_at_head(cluster: Cluster, work: Path, rounds: int) -> None:
 
 
 def bench_status(cluster: Cluster, work: Path, rounds: int) -> None:
-    url = new_database(cluster, "status")
+    url = cluster.create_database("status")
     app = work / "status"
     project.create(app, project.linear(1000), env="stock", url=url)
     env = clean_env({"RUN_MIGRATIONS": "1", "DATABASE_URL": url})
@@ -102,7 +102,7 @@ def bench_handoff(cluster: Cluster, work: Path, rounds: int) -> None:
     holder (this script) "migrates" by recording r003, then unlocks; the runner re-reads the
     version under the lock, finds it current, releases and execs.
     """
-    url = new_database(cluster, "handoff")
+    url = cluster.create_database("handoff")
     app = work / "handoff"
     project.create(app, project.linear(3))
     env = clean_env(
@@ -149,7 +149,7 @@ def bench_dead_runner(cluster: Cluster, work: Path, rounds: int) -> None:
     for seconds in (10, 60):
         delays = []
         for attempt in range(max(2, rounds // 5)):
-            url = new_database(cluster, f"dead_{seconds}_{attempt}")
+            url = cluster.create_database(f"dead_{seconds}_{attempt}")
             app = work / f"dead_{seconds}_{attempt}"
             project.create(app, [project.Revision("r001", sql=[f"SELECT pg_sleep({seconds})"])])
             env = clean_env(
@@ -226,13 +226,6 @@ def wait_until_waiting(holder: psycopg.Connection[tuple[object, ...]]) -> None:
             return
         time.sleep(0.01)
     raise RuntimeError("the runner never connected")
-
-
-def new_database(cluster: Cluster, name: str) -> str:
-    with psycopg.connect(cluster.url(), autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name}")
-        conn.execute(f"CREATE DATABASE {name}")
-    return cluster.url(name)
 
 
 def main() -> None:

@@ -60,13 +60,6 @@ class PeakConnections:
         return self.peak
 
 
-def new_database(cluster: Cluster, name: str) -> str:
-    with psycopg.connect(cluster.url(), autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {name}")
-    return cluster.url(name)
-
-
 def spawn(app: Path, url: str, wait: int) -> subprocess.Popen[str]:
     env = clean_env(
         {"RUN_MIGRATIONS": "1", "DATABASE_URL": url, "MIGRATION_LOCK_WAIT_SECONDS": str(wait)}
@@ -83,7 +76,7 @@ def spawn(app: Path, url: str, wait: int) -> subprocess.Popen[str]:
 
 def clean_round(cluster: Cluster, app: Path, runners: int, number: int) -> tuple[float, int]:
     name = f"stress_{number}"
-    url = new_database(cluster, name)
+    url = cluster.create_database(name)
     monitor = PeakConnections(cluster.url(), name)
     started = time.monotonic()
     procs = [spawn(app, url, wait=120) for _ in range(runners)]
@@ -161,7 +154,7 @@ class Victim:
 
 def kill_round(cluster: Cluster, app: Path, runners: int, number: int) -> Counter[str]:
     name = f"kill_{number}"
-    url = new_database(cluster, name)
+    url = cluster.create_database(name)
     rng = random.Random(number)
     victims = []
     for index in range(runners):

@@ -317,9 +317,7 @@ def main() -> int:
         build_image(engine, work)
         cluster = Cluster()
         cluster.start()
-        with psycopg.connect(cluster.url(), autocommit=True) as conn:
-            conn.execute("CREATE DATABASE prosaas")
-        database_url = cluster.url("prosaas")
+        database_url = cluster.create_database("prosaas")
         compose_ = Compose(engine, write_override(work, database_url, free_port()))
         say("docker compose up --no-deps (the host's PostgreSQL stands in for db)")
         compose_("up", "-d", "--no-deps", "--no-build", *APP_SERVICES)

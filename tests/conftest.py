@@ -15,25 +15,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from prosaas_migrate.config import KNOWN_VARIABLES
 from tests.pgcluster import Cluster
 
 # Our variables, and the ones that would change the tool's behaviour if the developer's shell
 # happened to set them.
-OWN_VARIABLES = (
-    "RUN_MIGRATIONS",
-    "RUN_MIGRATIONS_ON_START",
-    "SERVICE_ROLE",
-    "MIGRATION_LOCK_WAIT_SECONDS",
-    "MIGRATION_STATEMENT_TIMEOUT",
-    "MIGRATION_LOCK_KEY",
-    "MIGRATION_WAIT_FOR_HEAD_SECONDS",
-    "MIGRATION_LOG_FORMAT",
-    "DATABASE_URL",
-    "MIGRATION_DATABASE_URL",
-    "ALEMBIC_CONFIG",
-    "PGOPTIONS",
-    "PGAPPNAME",
-)
+OWN_VARIABLES = (*KNOWN_VARIABLES, "PGOPTIONS", "PGAPPNAME")
 EXTERNAL_URL_VARIABLE = "PROSAAS_TEST_DATABASE_URL"
 BIN = Path(sys.executable).parent / "prosaas-migrate"
 
@@ -181,3 +168,9 @@ def version(url: str) -> list[str]:
     if not query(url, "SELECT to_regclass('alembic_version') IS NOT NULL")[0][0]:
         return []
     return [str(r[0]) for r in query(url, "SELECT version_num FROM alembic_version")]
+
+
+def lock_holders(url: str) -> list[int]:
+    """Backend pids holding any advisory lock in the database at `url`."""
+    rows = query(url, "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted")
+    return [int(str(row[0])) for row in rows]

@@ -5,9 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from prosaas_migrate.config import default_lock_key
+from prosaas_migrate.config import KNOWN_VARIABLES, default_lock_key
 from prosaas_migrate.errors import ExitCode
-from tests.conftest import OWN_VARIABLES
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
@@ -25,7 +24,7 @@ def test_exit_code_table_matches_the_code() -> None:
 
 def test_every_variable_is_documented() -> None:
     documented = {row[0].strip("`") for row in table_after("Configuration")}
-    assert documented == set(OWN_VARIABLES) - {"PGOPTIONS", "PGAPPNAME"}
+    assert documented == set(KNOWN_VARIABLES)
 
 
 def test_the_documented_default_lock_key_is_the_real_one() -> None:

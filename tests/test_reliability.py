@@ -13,7 +13,7 @@ import pytest
 
 from prosaas_migrate import config
 from tests import project
-from tests.conftest import Running, Server, applied_revisions, cli, query, version
+from tests.conftest import Running, Server, applied_revisions, cli, lock_holders, query, version
 from tests.pgcluster import PGBOUNCER, Cluster, PgBouncer
 
 SERVICE = ["sh", "-c", "echo service-started"]
@@ -21,11 +21,6 @@ SERVICE = ["sh", "-c", "echo service-started"]
 
 def enabled(url: str, **extra: str) -> dict[str, str]:
     return {"RUN_MIGRATIONS": "1", "DATABASE_URL": url, **extra}
-
-
-def advisory_holders(url: str) -> list[int]:
-    rows = query(url, "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted")
-    return [int(str(row[0])) for row in rows]
 
 
 # -- 1. wait for head ------------------------------------------------------------------------
@@ -93,7 +88,7 @@ def test_transaction_pooling_is_refused_and_nothing_is_stranded(
     assert "Traceback" not in result.stderr
     assert not (app / "started").exists()
     assert version(db_url) == []
-    assert advisory_holders(db_url) == []
+    assert lock_holders(db_url) == []
 
 
 @pytest.mark.parametrize("bouncer", ["transaction"], indirect=True)
@@ -113,7 +108,7 @@ def test_session_pooling_works(app: Path, db_url: str, bouncer: PgBouncer) -> No
     assert result.returncode == 0, result.stderr
     assert "✅ Set statement_timeout to 90s" in result.stderr
     assert version(db_url) == ["r003"]
-    assert advisory_holders(db_url) == []
+    assert lock_holders(db_url) == []
 
 
 # -- 3. dead-runner abort --------------------------------------------------------------------
@@ -127,11 +122,11 @@ def test_a_killed_runner_frees_the_lock_long_before_its_statement_ends(
     victim = Running(["run"], enabled(db_url), tmp_path)
     victim.wait_for("Applying revision r001")
     time.sleep(0.5)
-    assert advisory_holders(db_url)
+    assert lock_holders(db_url)
     victim.proc.kill()
     killed = time.monotonic()
     victim.finish()
-    while advisory_holders(db_url) and time.monotonic() - killed < 30:
+    while lock_holders(db_url) and time.monotonic() - killed < 30:
         time.sleep(0.05)
     freed_after = time.monotonic() - killed
     # Without client_connection_check_interval the backend would hold it for the full 60 s.
@@ -150,7 +145,7 @@ def test_a_terminated_lock_connection_exits_non_zero_without_exec(
     project.create(tmp_path, revisions, env=env_style)
     runner = Running(["run", "--", "touch", "started"], enabled(db_url), tmp_path)
     runner.wait_for("Applying revision r001")
-    holders = advisory_holders(db_url)
+    holders = lock_holders(db_url)
     assert len(holders) == 1
     query(db_url, "SELECT pg_terminate_backend(%s)", [holders[0]])
     code = runner.finish()

@@ -17,7 +17,16 @@ import pytest
 
 from prosaas_migrate import config
 from tests import project
-from tests.conftest import BIN, Running, applied_revisions, clean_env, cli, query, version
+from tests.conftest import (
+    BIN,
+    Running,
+    applied_revisions,
+    clean_env,
+    cli,
+    lock_holders,
+    query,
+    version,
+)
 from tests.pgcluster import Cluster
 
 SERVICE = ["sh", "-c", "echo service-started pid=$$"]
@@ -336,11 +345,6 @@ def test_pending_migrations_still_wait_for_the_lock(
     assert result.returncode == 0, result.stderr
     assert "Could not acquire lock in time" in result.stderr
     assert version(db_url) == []
-
-
-def lock_holders(url: str) -> list[int]:
-    rows = query(url, "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted")
-    return [int(str(row[0])) for row in rows]
 
 
 # -- failures --------------------------------------------------------------------------------
