@@ -26,10 +26,12 @@ def load_dotenv_file(environ: dict[str, str] | os._Environ[str], path: str) -> s
         return set()
     from dotenv import dotenv_values
 
+    try:
+        values = dotenv_values(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.UsageError(f"cannot read {path}: {exc}") from None
     supplied = {
-        name: value
-        for name, value in dotenv_values(path).items()
-        if value is not None and name not in environ
+        name: value for name, value in values.items() if value is not None and name not in environ
     }
     environ.update(supplied)
     return set(supplied)

@@ -274,6 +274,13 @@ def test_dotenv_is_read_and_the_real_environment_wins(app: Path, db_url: str) ->
     assert version(db_url) == ["r003"]
 
 
+def test_an_unreadable_dotenv_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_bytes(b"RUN_MIGRATIONS=\xff\xfe0\n")
+    result = cli(["run", "--", *SERVICE], {}, tmp_path)
+    assert result.returncode == 2
+    assert ".env" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_config_option_wins_over_alembic_config(tmp_path: Path, db_url: str) -> None:
     project.create(tmp_path / "a", project.linear(1))
     project.create(tmp_path / "b", project.linear(2))
