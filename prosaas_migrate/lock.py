@@ -17,7 +17,6 @@ from prosaas_migrate.errors import LockLost
 
 # A freed lock is taken within a few hundred ms; the jitter keeps many waiters from polling in step.
 POLL_INTERVAL = (0.05, 0.15)
-REPORT_EVERY_SECONDS = 5.0
 
 # pg_locks shows a bigint advisory key as classid (high 32 bits) and objid (low 32 bits) with
 # objsubid 1. Rebuilding the key as bigint on the pg_locks side avoids int4 shifts that wrap.
@@ -105,7 +104,7 @@ def acquire_within(
             return False, now - started
         if now >= next_report:
             logs.waiting(key, now - started, holder(conn, key))
-            next_report = now + REPORT_EVERY_SECONDS
+            next_report = now + logs.REPORT_EVERY_SECONDS
         sleep(min(jitter(*POLL_INTERVAL), max(deadline - now, 0.0)))
 
 

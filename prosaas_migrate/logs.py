@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from prosaas_migrate.lock import Holder
 
-FORMATS = ("text", "json")
+REPORT_EVERY_SECONDS = 5.0  # how often a wait (for the lock, for head) says where it stands
 _format = "text"
 
 

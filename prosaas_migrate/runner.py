@@ -26,7 +26,6 @@ from prosaas_migrate.errors import (
 if TYPE_CHECKING:
     from prosaas_migrate.revisions import AlembicIni
 
-REPORT_EVERY_SECONDS = 5.0
 HEAD_POLL_INTERVAL = (0.2, 0.5)  # read-only polls of the version table, jittered
 
 
@@ -156,7 +155,7 @@ def wait_for_head(
                 raise HeadNotReached(target, current, now - started)
             if now >= next_report:
                 logs.waiting_for_head(target, current, now - started)
-                next_report = now + REPORT_EVERY_SECONDS
+                next_report = now + logs.REPORT_EVERY_SECONDS
             sleep(min(random.uniform(*HEAD_POLL_INTERVAL), deadline - now))
     finally:
         if conn is not None:
