@@ -11,6 +11,7 @@ import click
 
 from prosaas_migrate import __version__, config, logs, runner
 from prosaas_migrate.errors import (
+    DotenvUnreadable,
     HeadNotReached,
     Interrupted,
     LockLost,
@@ -21,7 +22,10 @@ from prosaas_migrate.errors import (
 
 
 def load_dotenv_file(environ: dict[str, str] | os._Environ[str], path: str) -> set[str]:
-    """Add .env's variables that are not really set; return the names it supplied."""
+    """Add .env's variables that are not really set; return the names it supplied.
+
+    Raises DotenvUnreadable (one line) when the file exists but cannot be read.
+    """
     if not os.path.isfile(path):
         return set()
     from dotenv import dotenv_values
@@ -29,12 +33,16 @@ def load_dotenv_file(environ: dict[str, str] | os._Environ[str], path: str) -> s
     try:
         values = dotenv_values(path)
     except (OSError, UnicodeDecodeError) as exc:
-        raise click.UsageError(f"cannot read {path}: {exc}") from None
+        raise DotenvUnreadable(path, " ".join(str(exc).split())) from None
     supplied = {
         name: value for name, value in values.items() if value is not None and name not in environ
     }
     environ.update(supplied)
     return set(supplied)
+
+
+def _dotenv_path() -> str:
+    return os.path.join(os.getcwd(), ".env")
 
 
 def _tolerate_unencodable_output() -> None:
@@ -55,8 +63,7 @@ config_option = click.option(
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="prosaas-migrate")
-@click.pass_context
-def main(ctx: click.Context) -> None:
+def main() -> None:
     """Run Alembic migrations from one designated container, then start its service.
 
     Configuration comes from the environment (and a .env file in the working folder); see
@@ -67,7 +74,6 @@ def main(ctx: click.Context) -> None:
         RUN_MIGRATIONS=1 prosaas-migrate run -- gunicorn app:app
     """
     _tolerate_unencodable_output()
-    ctx.obj = load_dotenv_file(os.environ, os.path.join(os.getcwd(), ".env"))
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -92,6 +98,8 @@ def run(config_path: str | None, command: tuple[str, ...]) -> NoReturn:
     try:
         # The format first, so that every later line, config errors included, is in it.
         logs.configure(config.log_format(os.environ))
+        load_dotenv_file(os.environ, _dotenv_path())
+        logs.configure(config.log_format(os.environ))  # .env may set it
         for name, suggestion in config.unknown_variables(os.environ):
             logs.unknown_variable(name, suggestion)
         settings = config.load(os.environ, config_option=config_path)
@@ -113,8 +121,7 @@ def run(config_path: str | None, command: tuple[str, ...]) -> NoReturn:
     is_flag=True,
     help="Exit 1 if migrations are pending, 3 if unreachable, 2 if misconfigured.",
 )
-@click.pass_context
-def status(ctx: click.Context, config_path: str | None, as_json: bool, check: bool) -> NoReturn:
+def status(config_path: str | None, as_json: bool, check: bool) -> NoReturn:
     """Show configuration, revisions and the lock, without changing anything.
 
     Read-only: takes no lock, creates no version table, writes nothing. Safe in any container,
@@ -127,11 +134,16 @@ def status(ctx: click.Context, config_path: str | None, as_json: bool, check: bo
     """
     from prosaas_migrate import status as report_status
 
+    try:
+        dotenv_names, dotenv_error = load_dotenv_file(os.environ, _dotenv_path()), None
+    except DotenvUnreadable as exc:  # reported in its own section, like every other problem
+        dotenv_names, dotenv_error = set(), str(exc)
     report = report_status.gather(
         os.environ,
-        dotenv_names=ctx.obj or set(),
+        dotenv_names=dotenv_names,
         config_option=config_path,
         hostname=_hostname(),
+        dotenv_error=dotenv_error,
     )
     if as_json:
         click.echo(report_status.render_json(report))
@@ -178,7 +190,7 @@ def worker_trace(source: TextIO, as_json: bool, loop_threshold: int) -> NoReturn
 
 def _report(exc: MigrateError) -> None:
     if isinstance(exc, MigrationFailed):
-        logs.migration_failed(exc.revision, exc.cause)
+        logs.migration_failed(exc.revision, exc.cause, exc.rolled_back, exc.committed)
     elif isinstance(exc, LockLost):
         logs.lock_lost(exc.key, exc.reason)
     elif not isinstance(exc, HeadNotReached | TransactionPooling):  # logged where they happen

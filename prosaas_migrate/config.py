@@ -1,4 +1,8 @@
-"""Turn an environment mapping into frozen Settings; a bad value raises ConfigError naming it."""
+"""Turn an environment mapping into frozen Settings; a bad value raises ConfigError naming it.
+
+Every variable is one row of SETTINGS (name, default, parser, meaning): load(), problems(),
+`status`, `run --help`, the typo guard and the README's table all read that one table.
+"""
 
 from __future__ import annotations
 
@@ -6,41 +10,28 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 from prosaas_migrate.errors import ConfigError
 
-RUN_VARIABLES = ("RUN_MIGRATIONS", "RUN_MIGRATIONS_ON_START")
-URL_VARIABLES = ("MIGRATION_DATABASE_URL", "DATABASE_URL")
-KNOWN_VARIABLES = (
-    *RUN_VARIABLES,
-    "SERVICE_ROLE",
-    "MIGRATION_LOCK_WAIT_SECONDS",
-    "MIGRATION_STATEMENT_TIMEOUT",
-    "MIGRATION_LOCK_KEY",
-    "MIGRATION_WAIT_FOR_HEAD_SECONDS",
-    "MIGRATION_LOG_FORMAT",
-    *URL_VARIABLES,
-    "ALEMBIC_CONFIG",
-)
-_OUR_PREFIXES = ("MIGRATION_", "RUN_MIGRATION")
+if TYPE_CHECKING:
+    from prosaas_migrate.conninfo import ConnInfo
+
 LOG_FORMATS = ("text", "json")
+UNKNOWN_REVISION_CHOICES = ("start", "fail")
 MIGRATING_ROLES = frozenset({"api", "prosaas-api"})
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 _FLAG_GRAMMAR = "1 or 0 (also true/false, yes/no, on/off in any case; empty means unset)"
 
-DEFAULT_LOCK_WAIT_SECONDS = 30
-DEFAULT_WAIT_FOR_HEAD_SECONDS = 0  # off
-DEFAULT_STATEMENT_TIMEOUT = "120s"
-DEFAULT_ALEMBIC_CONFIG = "alembic.ini"
-# The advisory-lock key is derived from this name, so two Alembic histories with different
-# version tables in one database never block each other. See default_lock_key().
+# The advisory-lock key is derived from the version table's schema-qualified name, so two
+# Alembic histories with different version tables in one database never block each other.
 DEFAULT_VERSION_TABLE = "public.alembic_version"
 DEFAULT_LOCK_KEY = 7214607257041625889  # default_lock_key(DEFAULT_VERSION_TABLE), precomputed
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-_INT32_MAX = 2**31 - 1  # statement_timeout's upper bound, in milliseconds
+_INT32_MAX = 2**31 - 1  # a time setting's upper bound in PostgreSQL, in milliseconds
 
 # PostgreSQL's own grammar for a time setting: a number, optional spaces, an optional unit.
 # Units are case-sensitive there ("120S" is rejected), and a bare number means milliseconds.
@@ -59,8 +50,165 @@ _DURATION_GRAMMAR = (
     "a PostgreSQL duration: a number with an optional unit us, ms, s, min, h or d "
     "(120s, 2min, 0.5h, 1500ms; no unit means ms; 0 means no timeout), at most 2147483647ms"
 )
-_URL_SCHEMES = ("postgres", "postgresql", "postgresql+psycopg")
-_URL_GRAMMAR = "a postgresql://user:password@host:port/dbname URL (postgres:// also accepted)"
+
+
+def parse_flag(variable: str, value: str) -> bool:
+    """Read a yes/no variable with the grammar the design note and its users already use."""
+    word = value.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ConfigError(variable, value, _FLAG_GRAMMAR)
+
+
+def parse_whole(variable: str, value: str, *, meaning: str) -> int:
+    """A whole, non-negative number written in ASCII digits."""
+    if not re.fullmatch(r"[0-9]+", value.strip()):
+        raise ConfigError(variable, value, f"{meaning}, 0 or more")
+    return int(value.strip())
+
+
+def parse_duration_ms(variable: str, value: str) -> int:
+    """Milliseconds for a duration PostgreSQL itself would accept for a time setting."""
+    match = _DURATION.fullmatch(value)
+    if not match:
+        raise ConfigError(variable, value, _DURATION_GRAMMAR)
+    number, unit = float(match.group(1)), match.group(2)
+    scaled: float = number
+    if unit is not None:
+        # As PostgreSQL's convert_to_base_unit: 0.1d is 2.4h, kept as a whole 2h.
+        scaled = number * _MS_PER_UNIT[unit]
+        if smaller := _SMALLER_UNIT.get(unit):
+            scaled = round(scaled / _MS_PER_UNIT[smaller]) * _MS_PER_UNIT[smaller]
+    ms = round(scaled)  # half to even, like the server's rint()
+    if ms > _INT32_MAX or (ms == 0 and number != 0):
+        # Rounding a tiny value down to 0 would silently switch the timeout off.
+        raise ConfigError(variable, value, _DURATION_GRAMMAR)
+    return ms
+
+
+def parse_lock_key(variable: str, value: str) -> int:
+    """A signed 64-bit integer, the only kind pg_try_advisory_lock(bigint) takes."""
+    text = value.strip()
+    if not re.fullmatch(r"-?[0-9]+", text) or not _INT64_MIN <= int(text) <= _INT64_MAX:
+        raise ConfigError(
+            variable, value, f"a signed 64-bit integer ({_INT64_MIN} to {_INT64_MAX})"
+        )
+    return int(text)
+
+
+def parse_choice(variable: str, value: str, *, choices: tuple[str, ...]) -> str:
+    word = value.strip().lower()
+    if word not in choices:
+        raise ConfigError(variable, value, " or ".join(choices))
+    return word
+
+
+def parse_text(_variable: str, value: str) -> str:
+    return value.strip()
+
+
+def parse_url(variable: str, value: str) -> ConnInfo:
+    from prosaas_migrate import conninfo  # imports psycopg: only when a URL is really read
+
+    return conninfo.parse(variable, value)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: its default as a user would write it, its parser, its meaning."""
+
+    name: str
+    default: str | None  # None: unset unless given
+    parse: Callable[[str, str], object]  # (variable, text) -> value; raises ConfigError
+    meaning: str  # one line, for `run --help`, `status` and the README table
+    secret: bool = False  # shown with its password masked
+
+
+_seconds = partial(parse_whole, meaning="whole seconds")
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "RUN_MIGRATIONS",
+        None,
+        parse_flag,
+        "`1` migrate, `0` skip; also `true/false`, `yes/no`, `on/off`, any case",
+    ),
+    Setting(
+        "RUN_MIGRATIONS_ON_START",
+        None,
+        parse_flag,
+        "legacy, same grammar; read only when `RUN_MIGRATIONS` is unset",
+    ),
+    Setting(
+        "SERVICE_ROLE",
+        None,
+        parse_text,
+        "read only when both above are unset: `api` or `prosaas-api` (any case) migrates, "
+        "anything else skips",
+    ),
+    Setting(
+        "MIGRATION_LOCK_WAIT_SECONDS",
+        "30",
+        _seconds,
+        "whole seconds to keep trying to connect and take the lock; `0` = one try",
+    ),
+    Setting(
+        "MIGRATION_STATEMENT_TIMEOUT",
+        "120s",
+        parse_duration_ms,
+        "PostgreSQL duration: number plus optional `us ms s min h d` (`120s`, `2min`, `0.5h`, "
+        "`1500ms`; no unit = ms; `0` = none); `statement_timeout` of every migration connection",
+    ),
+    Setting(
+        "MIGRATION_LOCK_KEY",
+        str(DEFAULT_LOCK_KEY),
+        parse_lock_key,
+        "signed 64-bit advisory-lock key; by default derived from the version table's "
+        "schema-qualified name (see below)",
+    ),
+    Setting(
+        "DATABASE_URL",
+        None,
+        parse_url,
+        "`postgresql://`, `postgres://` or `postgresql+psycopg://` URL, or a libpq keyword "
+        "string; required when migrating (unless the ini has a real URL)",
+        secret=True,
+    ),
+    Setting(
+        "MIGRATION_DATABASE_URL",
+        None,
+        parse_url,
+        "wins over `DATABASE_URL` for migrating: a direct connection that bypasses a "
+        "transaction-pooling PgBouncer",
+        secret=True,
+    ),
+    Setting(
+        "ALEMBIC_CONFIG",
+        "alembic.ini",
+        parse_text,
+        "Alembic's own variable: the ini file (or a `pyproject.toml`); `--config` wins over it",
+    ),
+    Setting(
+        "MIGRATION_WAIT_FOR_HEAD_SECONDS",
+        "0",
+        _seconds,
+        "in a container that does not migrate: wait up to this many whole seconds, read-only "
+        "and without the lock, until the database is at the scripts' head; exit 4 if not; "
+        "`0` = off",
+    ),
+    Setting(
+        "MIGRATION_LOG_FORMAT",
+        "text",
+        partial(parse_choice, choices=LOG_FORMATS),
+        "`text` or `json` (one JSON object a line on stderr)",
+    ),
+)
+BY_NAME = {setting.name: setting for setting in SETTINGS}
+KNOWN_VARIABLES = tuple(BY_NAME)
+RUN_VARIABLES = ("RUN_MIGRATIONS", "RUN_MIGRATIONS_ON_START")
+URL_VARIABLES = ("MIGRATION_DATABASE_URL", "DATABASE_URL")  # highest precedence first
+_OUR_PREFIXES = ("MIGRATION_", "RUN_MIGRATION")
 
 
 @dataclass(frozen=True)
@@ -73,58 +221,68 @@ class Settings:
     lock_wait_seconds: int
     statement_timeout: str  # as configured, for the log line
     statement_timeout_ms: int  # what is sent to the server
-    lock_key: int
+    lock_key: int | None  # None: derived from the version table's name
     lock_key_source: str  # "MIGRATION_LOCK_KEY" or "default"
     database_url: str | None  # as set; checked only when migrating (the app may use another driver)
     database_url_source: str | None  # the variable it came from
     alembic_config: str
     alembic_config_source: str  # "--config", "ALEMBIC_CONFIG" or "default"
-    wait_for_head_seconds: int = DEFAULT_WAIT_FOR_HEAD_SECONDS  # 0 = do not wait
+    wait_for_head_seconds: int = 0  # 0 = do not wait
     log_format: str = "text"
 
 
 def load(environ: Mapping[str, str], *, config_option: str | None = None) -> Settings:
     """Resolve settings from environ alone; raise ConfigError naming the first bad variable."""
     run, decided_by, decided_value = decide_run(environ)
-    timeout_text = _value(environ, "MIGRATION_STATEMENT_TIMEOUT") or DEFAULT_STATEMENT_TIMEOUT
-    key_text = _value(environ, "MIGRATION_LOCK_KEY")
     url_source, url = _database_url(environ)
     if config_option is not None:
         alembic_config, alembic_source = config_option, "--config"
-    elif alembic_env := _value(environ, "ALEMBIC_CONFIG"):
+    elif (alembic_env := value_of(environ, "ALEMBIC_CONFIG")) is not None:
         alembic_config, alembic_source = alembic_env, "ALEMBIC_CONFIG"
     else:
-        alembic_config, alembic_source = DEFAULT_ALEMBIC_CONFIG, "default"
+        alembic_config, alembic_source = str(BY_NAME["ALEMBIC_CONFIG"].default), "default"
+    key_given = value_of(environ, "MIGRATION_LOCK_KEY") is not None
     return Settings(
         run=run,
         decided_by=decided_by,
         decided_value=decided_value,
-        lock_wait_seconds=parse_wait_seconds(
-            "MIGRATION_LOCK_WAIT_SECONDS", _value(environ, "MIGRATION_LOCK_WAIT_SECONDS")
-        ),
-        statement_timeout=timeout_text.strip(),
-        statement_timeout_ms=parse_duration_ms("MIGRATION_STATEMENT_TIMEOUT", timeout_text),
-        lock_key=DEFAULT_LOCK_KEY if key_text is None else parse_lock_key(key_text),
-        lock_key_source="default" if key_text is None else "MIGRATION_LOCK_KEY",
+        lock_wait_seconds=_int(environ, "MIGRATION_LOCK_WAIT_SECONDS"),
+        statement_timeout=_text(environ, "MIGRATION_STATEMENT_TIMEOUT"),
+        statement_timeout_ms=_int(environ, "MIGRATION_STATEMENT_TIMEOUT"),
+        lock_key=_int(environ, "MIGRATION_LOCK_KEY") if key_given else None,
+        lock_key_source="MIGRATION_LOCK_KEY" if key_given else "default",
         database_url=url,
         database_url_source=url_source,
         alembic_config=alembic_config,
         alembic_config_source=alembic_source,
-        wait_for_head_seconds=parse_wait_seconds(
-            "MIGRATION_WAIT_FOR_HEAD_SECONDS", _value(environ, "MIGRATION_WAIT_FOR_HEAD_SECONDS")
-        ),
+        wait_for_head_seconds=_int(environ, "MIGRATION_WAIT_FOR_HEAD_SECONDS"),
         log_format=log_format(environ),
     )
 
 
+def parsed(environ: Mapping[str, str], name: str) -> object:
+    """The variable's parsed value, or its default's; ConfigError if it is invalid."""
+    setting = BY_NAME[name]
+    text = value_of(environ, name)
+    if text is None:
+        text = setting.default
+    return None if text is None else setting.parse(name, text)
+
+
+def _int(environ: Mapping[str, str], name: str) -> int:
+    value = parsed(environ, name)
+    assert isinstance(value, int)
+    return value
+
+
+def _text(environ: Mapping[str, str], name: str) -> str:
+    text = value_of(environ, name)
+    return (BY_NAME[name].default or "") if text is None else text.strip()
+
+
 def log_format(environ: Mapping[str, str]) -> str:
     """MIGRATION_LOG_FORMAT, read on its own first so that even config errors use it."""
-    value = _value(environ, "MIGRATION_LOG_FORMAT")
-    if value is None:
-        return "text"
-    if value.strip().lower() not in LOG_FORMATS:
-        raise ConfigError("MIGRATION_LOG_FORMAT", value, "text or json")
-    return value.strip().lower()
+    return str(parsed(environ, "MIGRATION_LOG_FORMAT"))
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str]]:
@@ -146,163 +304,70 @@ def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str]]:
 
 def problems(environ: Mapping[str, str]) -> dict[str, ConfigError]:
     """Every bad variable at once (URLs included), for a report; load() stops at the first."""
-    checks: dict[str, Callable[[str], object]] = {
-        "RUN_MIGRATIONS": partial(parse_flag, "RUN_MIGRATIONS"),
-        "RUN_MIGRATIONS_ON_START": partial(parse_flag, "RUN_MIGRATIONS_ON_START"),
-        "MIGRATION_LOCK_WAIT_SECONDS": partial(parse_wait_seconds, "MIGRATION_LOCK_WAIT_SECONDS"),
-        "MIGRATION_STATEMENT_TIMEOUT": partial(parse_duration_ms, "MIGRATION_STATEMENT_TIMEOUT"),
-        "MIGRATION_LOCK_KEY": parse_lock_key,
-        "MIGRATION_WAIT_FOR_HEAD_SECONDS": partial(
-            parse_wait_seconds, "MIGRATION_WAIT_FOR_HEAD_SECONDS"
-        ),
-        "MIGRATION_LOG_FORMAT": lambda value: log_format({"MIGRATION_LOG_FORMAT": value}),
-        **{name: partial(check_database_url, name) for name in URL_VARIABLES},
-    }
     found: dict[str, ConfigError] = {}
-    for variable, check in checks.items():
-        value = _value(environ, variable)
-        if value is None:
-            continue
+    url_in_use, _ = _database_url(environ)
+    for setting in SETTINGS:
+        text = value_of(environ, setting.name)
+        if text is None or (setting.name in URL_VARIABLES and setting.name != url_in_use):
+            continue  # a URL that MIGRATION_DATABASE_URL overrides is the app's business
         try:
-            check(value)
+            setting.parse(setting.name, text)
         except ConfigError as exc:
-            found[variable] = exc
+            found[setting.name] = exc
     return found
 
 
 def decide_run(environ: Mapping[str, str]) -> tuple[bool, str, str | None]:
     """Apply the precedence RUN_MIGRATIONS > RUN_MIGRATIONS_ON_START > SERVICE_ROLE > skip."""
     for variable in RUN_VARIABLES:
-        value = _value(environ, variable)
+        value = value_of(environ, variable)
         if value is not None:
             return parse_flag(variable, value), variable, value
-    role = _value(environ, "SERVICE_ROLE")
+    role = value_of(environ, "SERVICE_ROLE")
     if role is not None:
         return role.strip().lower() in MIGRATING_ROLES, "SERVICE_ROLE", role
     return False, "default", None
 
 
-def parse_flag(variable: str, value: str) -> bool:
-    """Read a yes/no variable with the grammar the design note and its users already use."""
-    word = value.strip().lower()
-    if word in _TRUE:
-        return True
-    if word in _FALSE:
-        return False
-    raise ConfigError(variable, value, _FLAG_GRAMMAR)
-
-
-def parse_wait_seconds(variable: str, value: str | None) -> int:
-    """Whole, non-negative seconds; unset means the variable's default."""
-    if value is None:
-        return _WAIT_DEFAULTS[variable]
-    if not re.fullmatch(r"[0-9]+", value.strip()):
-        raise ConfigError(variable, value, "whole seconds, 0 or more (0 means one try)")
-    return int(value.strip())
-
-
-_WAIT_DEFAULTS = {
-    "MIGRATION_LOCK_WAIT_SECONDS": DEFAULT_LOCK_WAIT_SECONDS,
-    "MIGRATION_WAIT_FOR_HEAD_SECONDS": DEFAULT_WAIT_FOR_HEAD_SECONDS,
-}
-
-
-def parse_duration_ms(variable: str, value: str) -> int:
-    """Milliseconds for a duration PostgreSQL itself would accept for statement_timeout."""
-    match = _DURATION.fullmatch(value)
-    if not match:
-        raise ConfigError(variable, value, _DURATION_GRAMMAR)
-    number, unit = float(match.group(1)), match.group(2)
-    scaled: float = number
-    if unit is not None:
-        # As PostgreSQL's convert_to_base_unit: 0.1d is 2.4h, kept as a whole 2h.
-        scaled = number * _MS_PER_UNIT[unit]
-        if smaller := _SMALLER_UNIT.get(unit):
-            scaled = round(scaled / _MS_PER_UNIT[smaller]) * _MS_PER_UNIT[smaller]
-    ms = round(scaled)  # half to even, like the server's rint()
-    if ms > _INT32_MAX or (ms == 0 and number != 0):
-        # Rounding a tiny value down to 0 would silently switch the timeout off.
-        raise ConfigError(variable, value, _DURATION_GRAMMAR)
-    return ms
-
-
-def parse_lock_key(value: str) -> int:
-    """A signed 64-bit integer, the only kind pg_try_advisory_lock(bigint) takes."""
-    text = value.strip()
-    if not re.fullmatch(r"-?[0-9]+", text) or not _INT64_MIN <= int(text) <= _INT64_MAX:
-        raise ConfigError(
-            "MIGRATION_LOCK_KEY", value, f"a signed 64-bit integer ({_INT64_MIN} to {_INT64_MAX})"
-        )
-    return int(text)
-
-
 def default_lock_key(version_table: str = DEFAULT_VERSION_TABLE) -> int:
     """The first 8 bytes of SHA-256 of 'prosaas-migrate:<schema.table>', as a signed integer."""
-    import hashlib  # not on the start-up path: the default is precomputed
+    if version_table == DEFAULT_VERSION_TABLE:
+        return DEFAULT_LOCK_KEY  # hashlib stays off the start-up path
+    import hashlib
 
     digest = hashlib.sha256(f"prosaas-migrate:{version_table}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-def check_database_url(variable: str, url: str) -> str:
-    """Return the URL in the postgresql:// form psycopg takes, or raise naming the variable."""
-    scheme, sep, rest = url.strip().partition("://")
-    if not sep or scheme.lower() not in _URL_SCHEMES:
-        raise ConfigError(variable, redact_url(url), _URL_GRAMMAR)
-    normalised = f"postgresql://{rest}"
-    # libpq's own parser is the judge (bad percent-encoding, a port that is no number...).
-    from urllib.parse import urlsplit
+def migration_conninfo(settings: Settings, ini_url: str | None) -> ConnInfo:
+    """What to migrate with: MIGRATION_DATABASE_URL > DATABASE_URL > the ini's sqlalchemy.url."""
+    from prosaas_migrate import conninfo
 
-    from psycopg import ProgrammingError
-    from psycopg.conninfo import conninfo_to_dict
-
-    try:
-        conninfo_to_dict(normalised)
-        urlsplit(normalised).port  # noqa: B018 - libpq only fails on a bad port when connecting
-    except (ProgrammingError, ValueError):
-        raise ConfigError(variable, redact_url(url), _URL_GRAMMAR) from None
-    return normalised
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password replaced by ***, safe to log."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    userinfo, at, hostpart = rest.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{hostpart}"
-
-
-def migration_url(settings: Settings, ini_url: str | None) -> str:
-    """The URL to migrate with: MIGRATION_DATABASE_URL > DATABASE_URL > the ini's sqlalchemy.url."""
     if settings.database_url is not None and settings.database_url_source is not None:
-        return check_database_url(settings.database_url_source, settings.database_url)
+        return conninfo.parse(settings.database_url_source, settings.database_url)
     if ini_url is None or not ini_url.strip():
-        raise ConfigError("DATABASE_URL", None, f"{_URL_GRAMMAR} (or MIGRATION_DATABASE_URL)")
+        raise ConfigError("DATABASE_URL", None, f"{conninfo.GRAMMAR} (or MIGRATION_DATABASE_URL)")
     scheme = ini_url.strip().partition("://")[0].lower()
-    if scheme not in _URL_SCHEMES:
+    if scheme not in conninfo.URL_SCHEMES:
         # Most often the driver://user:pass@localhost/dbname placeholder from `alembic init`.
         raise ConfigError(
             "DATABASE_URL",
             None,
-            f"{_URL_GRAMMAR}; sqlalchemy.url in {settings.alembic_config} is not one "
-            f"({redact_url(ini_url)!r})",
+            f"{conninfo.GRAMMAR}; sqlalchemy.url in {settings.alembic_config} is not one "
+            f"({conninfo.redact(ini_url)!r})",
         )
-    return check_database_url("DATABASE_URL", ini_url)
+    return conninfo.parse(f"sqlalchemy.url in {settings.alembic_config}", ini_url)
 
 
 def _database_url(environ: Mapping[str, str]) -> tuple[str | None, str | None]:
     for variable in URL_VARIABLES:
-        value = _value(environ, variable)
+        value = value_of(environ, variable)
         if value is not None:
             return variable, value
     return None, None
 
 
-def _value(environ: Mapping[str, str], variable: str) -> str | None:
+def value_of(environ: Mapping[str, str], variable: str) -> str | None:
     """The variable's value, with empty or blank treated as unset (as Compose leaves them)."""
     value = environ.get(variable)
     return value if value is not None and value.strip() else None

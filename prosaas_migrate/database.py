@@ -1,16 +1,25 @@
-"""Connecting: retries within the wait budget, application_name, a verified statement_timeout."""
+"""Connecting: retries within the wait budget, application_name, verified session settings,
+bounded reads of the version table, and telling a transaction-pooling pooler from a session."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from prosaas_migrate import logs
-from prosaas_migrate.config import parse_duration_ms, redact_url
-from prosaas_migrate.errors import DatabaseUnreachable, SessionSettingRejected
+from prosaas_migrate.config import parse_duration_ms
+from prosaas_migrate.conninfo import ConnInfo, scrub
+from prosaas_migrate.errors import (
+    DatabaseError,
+    DatabaseUnreachable,
+    SessionSettingRejected,
+    VersionTableBusy,
+)
 
 # libpq's connect_timeout: at least 2 s (it treats less as 2), and short, so that one attempt
 # never eats the whole wait budget while the server is still starting.
@@ -25,12 +34,21 @@ _KEEPALIVES: dict[str, Any] = {
     "keepalives_interval": 2,
     "keepalives_count": 3,
 }
-_SERVER_SETTINGS = {
+PEER_CHECKS = {
     "tcp_keepalives_idle": "5",
     "tcp_keepalives_interval": "2",
     "tcp_keepalives_count": "3",
+    "client_connection_check_interval": "1s",  # PostgreSQL 14+; skipped where unknown
 }
-_CLIENT_CHECK = ("client_connection_check_interval", "1s", 140000)  # PostgreSQL 14+
+# The lock session idles for the whole upgrade when env.py migrates on its own connection:
+# a server-side idle timeout (managed providers' hardening guides set one) must not end it.
+LOCK_SESSION = {"idle_session_timeout": "0", "idle_in_transaction_session_timeout": "0"}
+# Sessions of our own that read the version table must never sit in its lock queue past
+# the wait budget (another migrator may hold ACCESS EXCLUSIVE on it for minutes).
+MIN_READ_TIMEOUT_MS = 50
+
+VersionTable = tuple[str | None, str]  # (schema or None = search_path, table)
+DEFAULT_TABLE: VersionTable = (None, "alembic_version")
 
 
 def application_name(hostname: str) -> str:
@@ -39,7 +57,7 @@ def application_name(hostname: str) -> str:
 
 
 def connect(
-    url: str,
+    info: ConnInfo,
     *,
     app_name: str,
     deadline: float,
@@ -53,95 +71,206 @@ def connect(
         attempt += 1
         try:
             return psycopg.connect(
-                url,
+                info.text,
                 autocommit=True,
                 application_name=app_name,
                 connect_timeout=_ATTEMPT_TIMEOUT_SECONDS,
                 **_KEEPALIVES,
             )
         except psycopg.OperationalError as exc:
-            reason = _first_line(str(exc), url)
+            reason = one_line(exc, info)
             remaining = deadline - clock()
             if remaining <= 0:
                 raise DatabaseUnreachable(
-                    redact_url(url), clock() - started, attempt, reason
+                    info.display, clock() - started, attempt, reason
                 ) from None
-            logs.connect_retry(redact_url(url), attempt, reason, remaining)
+            logs.connect_retry(info.display, attempt, reason, remaining)
             sleep(min(_RETRY_DELAYS[min(attempt, len(_RETRY_DELAYS)) - 1], remaining))
 
 
-def set_session_settings(
-    dbapi_connection: psycopg.Connection[Any], statement_timeout_ms: int, app_name: str
-) -> None:
-    """Set statement_timeout and application_name for the session, outside any transaction.
+def set_session(dbapi_connection: Any, settings: Mapping[str, str]) -> None:
+    """set_config() each setting for the session, outside any transaction, as bound parameters.
 
-    Run on every new connection (ours and any engine a project's env.py builds): unlike libpq's
-    `options` startup parameter, this survives PgBouncer, and in autocommit no rollback undoes it.
+    Works on a psycopg connection and on the adapted one of SQLAlchemy's asyncio engine alike
+    (plain DB-API calls). Unlike libpq's `options` startup parameter, this survives PgBouncer,
+    and in autocommit no rollback undoes it. Settings this server does not know are skipped.
     """
-    settings = {
-        "statement_timeout": str(statement_timeout_ms),
-        "application_name": app_name,
-        **_SERVER_SETTINGS,
-    }
-    name, value, since = _CLIENT_CHECK
-    if dbapi_connection.info.server_version >= since:
-        settings[name] = value
     previous = dbapi_connection.autocommit
     if not previous:
         dbapi_connection.rollback()
         dbapi_connection.autocommit = True
     try:
-        # Names and values are bound parameters: nothing configured is pasted into SQL text.
-        dbapi_connection.execute(
-            "SELECT set_config(name, value, false) FROM unnest(%s::text[], %s::text[])"
-            " AS s(name, value)",
-            [list(settings), list(settings.values())],
-        )
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(
+                "SELECT set_config(s.name, s.value, false)"
+                " FROM unnest(%s::text[], %s::text[]) AS s(name, value)"
+                " WHERE s.name IN (SELECT name FROM pg_settings)",
+                [list(settings), list(settings.values())],
+            )
+            cursor.fetchall()
+        finally:
+            cursor.close()
     finally:
         dbapi_connection.autocommit = previous
 
 
-def verify_statement_timeout(conn: psycopg.Connection[Any], wanted: str, wanted_ms: int) -> None:
-    """Check with SHOW that the server kept the timeout; it may print 2min for 120s."""
-    row = conn.execute("SHOW statement_timeout").fetchone()
-    shown = str(row[0]) if row else ""
-    if parse_duration_ms("statement_timeout", shown) != wanted_ms:
-        raise SessionSettingRejected("statement_timeout", wanted, shown)
+def verify_durations(conn: psycopg.Connection[Any], wanted: Mapping[str, tuple[str, int]]) -> None:
+    """Check that the server kept each time setting; it may print 2min for 120s."""
+    for name, (text, ms) in wanted.items():
+        row = conn.execute("SELECT current_setting(%s, true)", [name]).fetchone()
+        shown = str(row[0]) if row and row[0] is not None else ""
+        if not shown and name in PEER_CHECKS | LOCK_SESSION:
+            continue  # an older server without this setting
+        try:
+            kept = parse_duration_ms(name, shown) == ms
+        except Exception:
+            kept = False
+        if not kept:
+            raise SessionSettingRejected(name, text, shown)
 
 
-def transaction_pooling(conn: psycopg.Connection[Any], url: str) -> str | None:
-    """Why `conn` looks like it goes through a transaction-pooling pooler, or None.
+@contextmanager
+def bounded(conn: psycopg.Connection[Any], timeout_ms: int) -> Iterator[psycopg.Connection[Any]]:
+    """A read-only transaction whose statements and lock waits end within `timeout_ms`.
 
-    A session advisory lock needs one server session from lock to unlock. A direct connection
-    reaches the server at the address and port it dialled, so only a mismatch (a pooler, a
-    proxy, a NAT) pays for the real probe: while a second connection holds a transaction open,
-    `conn` gets some server session; once that transaction ends, a transaction pooler hands
-    `conn` the freed one on its next statement, while a session pooler never changes it.
+    The limits are transaction-local (set_config(..., true)), so nothing of them can stay on a
+    server session that a pooler hands to another client afterwards. A statement or lock wait
+    that runs out raises VersionTableBusy.
     """
-    row = conn.execute("SELECT host(inet_server_addr()), inet_server_port()").fetchone()
-    server = (_address(row[0]), row[1]) if row else (None, None)
-    dialled = (_address(conn.info.hostaddr or None), conn.info.port if row and row[1] else None)
-    if server == dialled:
-        return None
-    other = psycopg.connect(url, connect_timeout=_ATTEMPT_TIMEOUT_SECONDS)
+    limit = str(max(timeout_ms, MIN_READ_TIMEOUT_MS))
     try:
-        other.execute("SELECT 1")  # opens a transaction, pinning a server connection
-        before = conn.execute("SELECT pg_backend_pid()").fetchone()
-        other.commit()
-        after = conn.execute("SELECT pg_backend_pid()").fetchone()
+        with conn.transaction():
+            conn.execute(
+                "SELECT set_config('statement_timeout', %s, true),"
+                " set_config('lock_timeout', %s, true),"
+                " set_config('transaction_read_only', 'on', true)",
+                [limit, limit],
+            )
+            yield conn
+    except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
+        raise VersionTableBusy(int(limit), one_line(exc)) from None
+
+
+def current_revisions(
+    conn: psycopg.Connection[Any], table: VersionTable = DEFAULT_TABLE
+) -> tuple[str, ...]:
+    """The revisions recorded in a version table (by default Alembic's, through search_path, as
+    Alembic finds it); none when there is no version table yet."""
+    schema, name = table
+    qualified = sql.Identifier(schema, name) if schema else sql.Identifier(name)
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [qualified.as_string(conn)]).fetchone()
+    if not (row and row[0]):
+        return ()
+    try:
+        rows = conn.execute(sql.SQL("SELECT version_num FROM {}").format(qualified)).fetchall()
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise DatabaseError(f"reading {qualified.as_string(conn)}", one_line(exc)) from None
+    return tuple(sorted(str(r[0]) for r in rows))
+
+
+def table_name(table: VersionTable) -> str:
+    """schema.table, with the schema Alembic uses when env.py names none."""
+    schema, name = table
+    return f"{schema or 'public'}.{name}"
+
+
+def transaction_pooling(
+    conn: psycopg.Connection[Any], info: ConnInfo, *, timeout: float
+) -> str | None:
+    """Why `conn` goes through a pooler that does not keep one server session, or None.
+
+    A session advisory lock needs one server session from lock to unlock. A direct TCP
+    connection reaches the server at the address and port it dialled; anything else (a pooler,
+    a proxy, NAT, a Unix socket) gets the real probe: `conn` holds a transaction on server
+    session X while a second client holds one on Y; both end, in one order and then the other.
+    A session pooler gives `conn` X again every time. A transaction pooler gives it whichever
+    server is free: with most-recently-freed first (PgBouncer's default) Y when Y was freed
+    last, with least-recently-freed first (server_round_robin) Y when X was freed last. Nothing
+    is set for the session here, so nothing can leak to another client of a pool.
+    """
+    if _dialled_server(conn):
+        return None
+    other = psycopg.connect(info.text, connect_timeout=_ATTEMPT_TIMEOUT_SECONDS, autocommit=True)
+    try:
+        for mine_frees_first in (True, False):
+            answer = _probe_round(conn, other, mine_frees_first=mine_frees_first, timeout=timeout)
+            if answer is not None:
+                return answer
+    except psycopg.OperationalError:
+        raise
+    except psycopg.Error as exc:
+        # PgBouncer in statement mode refuses transaction blocks outright.
+        return f"it refused a transaction block: {one_line(exc, info)}"
     finally:
+        for connection in (conn, other):
+            if connection.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS:
+                connection.execute("ROLLBACK")
         other.close()
-    if before != after:
+    return None
+
+
+def _probe_round(
+    conn: psycopg.Connection[Any],
+    other: psycopg.Connection[Any],
+    *,
+    mine_frees_first: bool,
+    timeout: float,
+) -> str | None:
+    import threading
+
+    conn.execute("BEGIN")
+    before = _backend_pid(conn)
+    failure: list[BaseException] = []
+
+    def second_client() -> None:
+        try:
+            other.execute("BEGIN")
+            _backend_pid(other)
+        except BaseException as exc:
+            failure.append(exc)
+
+    worker = threading.Thread(target=second_client, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        # The pool has no second server session for it while we hold one: too small to tell
+        # (and to migrate through: env.py and the progress monitor need their own sessions).
+        conn.execute("COMMIT")
+        worker.join()
         return (
-            f"consecutive statements ran in different server sessions "
-            f"(pid {before[0] if before else '?'}, then {after[0] if after else '?'})"
+            f"a second connection got no server session within {timeout:.0f}s while this one "
+            "held a transaction (the pool is too small to check)"
+        )
+    if failure:
+        raise failure[0]
+    first, last = (conn, other) if mine_frees_first else (other, conn)
+    first.execute("COMMIT")
+    last.execute("COMMIT")
+    after = _backend_pid(conn)  # a transaction of its own (autocommit)
+    if after != before:
+        return (
+            f"consecutive transactions of one client ran in different server sessions "
+            f"(pid {before}, then {after})"
         )
     return None
 
 
-def _address(text: str | None) -> str | None:
-    if not text:
-        return None
+def _backend_pid(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _dialled_server(conn: psycopg.Connection[Any]) -> bool:
+    """True when the server is the very TCP endpoint we dialled (so no pooler in between)."""
+    row = conn.execute("SELECT host(inet_server_addr()), inet_server_port()").fetchone()
+    if not row or row[0] is None or not conn.info.hostaddr:
+        return False  # a Unix socket: a pooler can listen on one too, so probe
+    return (_address(row[0]), row[1]) == (_address(conn.info.hostaddr), conn.info.port)
+
+
+def _address(text: str) -> str:
     import ipaddress
 
     try:
@@ -150,24 +279,8 @@ def _address(text: str | None) -> str | None:
         return text
 
 
-def current_revisions(conn: psycopg.Connection[Any]) -> tuple[str, ...]:
-    """The revisions recorded in Alembic's default version table (found through search_path, as
-    Alembic does); none when there is no version table yet."""
-    row = conn.execute("SELECT to_regclass('alembic_version') IS NOT NULL").fetchone()
-    if not (row and row[0]):
-        return ()
-    rows = conn.execute("SELECT version_num FROM alembic_version").fetchall()
-    return tuple(sorted(str(r[0]) for r in rows))
-
-
-def _first_line(message: str, url: str) -> str:
-    """The useful part of a libpq error, with no chance of echoing the URL's password."""
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    text = "; ".join(lines) or "unknown error"
-    password = _password(url)
-    return text.replace(password, "***") if password else text
-
-
-def _password(url: str) -> str | None:
-    userinfo, at, _ = url.partition("://")[2].rpartition("@")
-    return userinfo.split(":", 1)[1] if at and ":" in userinfo else None
+def one_line(exc: BaseException, info: ConnInfo | None = None) -> str:
+    """The useful part of a driver error, on one line, with no chance of echoing a password."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = "; ".join(lines) or type(exc).__name__
+    return scrub(text, info.secrets) if info else text

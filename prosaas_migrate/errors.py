@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Sequence
 from enum import IntEnum
 
 
@@ -18,6 +19,16 @@ class ExitCode(IntEnum):
     NOT_FOUND = 127
     SIGINT = 128 + signal.SIGINT
     SIGTERM = 128 + signal.SIGTERM
+
+
+class CheckCode(IntEnum):
+    """What `status --check` exits with: never "pending" when it could not tell."""
+
+    AT_HEAD = 0
+    PENDING = 1
+    MISCONFIGURED = 2  # a bad variable, or a project Alembic cannot load
+    UNKNOWN = 3  # could not tell: database unreachable, no privilege, version table locked
+    AHEAD = 5  # the database is at a revision these scripts do not know (a rollback deploy?)
 
 
 class MigrateError(Exception):
@@ -39,6 +50,17 @@ class ConfigError(MigrateError):
         super().__init__(f"{variable}: {shown}; expected {expected}")
 
 
+class DotenvUnreadable(MigrateError):
+    """The .env file exists but cannot be read."""
+
+    exit_code = ExitCode.USAGE
+
+    def __init__(self, path: str, cause: str) -> None:
+        self.path = path
+        self.cause = cause
+        super().__init__(f"cannot read {path}: {cause}")
+
+
 class DatabaseUnreachable(MigrateError):
     """No connection could be made within the wait budget."""
 
@@ -52,6 +74,42 @@ class DatabaseUnreachable(MigrateError):
         super().__init__(
             f"database unreachable at {url} after {attempts} attempt(s) in {waited:.1f}s: {reason}"
         )
+
+
+class DatabaseError(MigrateError):
+    """The database answered, but not as needed (no privilege, an unexpected error)."""
+
+    exit_code = ExitCode.MIGRATION_FAILED
+
+    def __init__(self, doing: str, cause: str) -> None:
+        self.doing = doing
+        self.cause = cause
+        super().__init__(f"database error while {doing}: {cause}")
+
+
+class VersionTableBusy(MigrateError):
+    """A read of the version table ran out of time: a migration elsewhere holds it locked."""
+
+    exit_code = ExitCode.MIGRATION_FAILED
+
+    def __init__(self, waited_ms: int, cause: str) -> None:
+        self.waited_ms = waited_ms
+        self.cause = cause
+        super().__init__(
+            f"the version table stayed locked for {waited_ms / 1000:.1f}s "
+            f"(a migration is running elsewhere): {cause}"
+        )
+
+
+class ProjectBroken(MigrateError):
+    """The migration scripts cannot be loaded (a syntax error, a file without `revision`...)."""
+
+    exit_code = ExitCode.MIGRATION_FAILED
+
+    def __init__(self, where: str, cause: str) -> None:
+        self.where = where
+        self.cause = cause
+        super().__init__(f"cannot load the migration scripts: {where}: {cause}")
 
 
 class SessionSettingRejected(MigrateError):
@@ -71,9 +129,20 @@ class MigrationFailed(MigrateError):
 
     exit_code = ExitCode.MIGRATION_FAILED
 
-    def __init__(self, revision: str | None, cause: str) -> None:
+    def __init__(
+        self,
+        revision: str | None,
+        cause: str,
+        *,
+        rolled_back: Sequence[str] = (),
+        committed: Sequence[str] = (),
+        original: BaseException | None = None,
+    ) -> None:
         self.revision = revision
         self.cause = cause
+        self.rolled_back = tuple(rolled_back)  # revisions that ran and are not in the database
+        self.committed = tuple(committed)  # revisions of this upgrade that stayed committed
+        self.original = original
         where = f"revision {revision}" if revision else "upgrade"
         super().__init__(f"{where} failed: {cause}")
 

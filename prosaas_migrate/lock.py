@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 
 from prosaas_migrate import logs
-from prosaas_migrate.errors import LockLost
+from prosaas_migrate.errors import Interrupted, LockLost
 
 # A freed lock is taken within a few hundred ms; the jitter keeps many waiters from polling in step.
 POLL_INTERVAL = (0.05, 0.15)
@@ -127,10 +127,22 @@ def releasing(conn: psycopg.Connection[Any], key: int) -> Iterator[None]:
     """Release the held lock on the way out, without hiding the body's own error."""
     try:
         yield
+    except Interrupted:
+        # On a signal the driver cancels the statement and SQLAlchemy may close the connection
+        # to be sure: the session ended, so the server rolled back and freed the lock with it.
+        if conn.closed or conn.broken:
+            logs.lock_released_with_session(key)
+        else:
+            _release_reporting_loss(conn, key)
+        raise
     except BaseException:
-        try:
-            release(conn, key)
-        except LockLost as lost:
-            logs.lock_lost(key, lost.reason)
+        _release_reporting_loss(conn, key)
         raise
     release(conn, key)
+
+
+def _release_reporting_loss(conn: psycopg.Connection[Any], key: int) -> None:
+    try:
+        release(conn, key)
+    except LockLost as lost:
+        logs.lock_lost(key, lost.reason)

@@ -18,6 +18,19 @@ if TYPE_CHECKING:
 
 REPORT_EVERY_SECONDS = 5.0  # how often a wait (for the lock, for head) says where it stands
 _format = "text"
+_secrets: tuple[str, ...] = ()
+
+
+def hide(secrets: Sequence[str]) -> None:
+    """Mask these strings (a URL's password, in every form) in every later line and field."""
+    global _secrets
+    _secrets = tuple(sorted({*_secrets, *(s for s in secrets if s)}, key=len, reverse=True))
+
+
+def _masked(text: str) -> str:
+    for secret in _secrets:
+        text = text.replace(secret, "***")
+    return text
 
 
 def configure(log_format: str) -> None:
@@ -28,11 +41,24 @@ def configure(log_format: str) -> None:
 
 def _emit(event: str, lines: Sequence[str], level: str = "info", **fields: Any) -> None:
     stream = _real_stderr or sys.stderr
+    if _secrets:  # before rendering: JSON would escape a password's quotes or accents
+        lines = [_masked(line) for line in lines]
+        fields = {key: _masked_value(value) for key, value in fields.items()}
     if _format == "json":
         stream.write(_json_line(event, level, lines, fields) + "\n")
     else:
         stream.write("".join(line + "\n" for line in lines))
     stream.flush()
+
+
+def _masked_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return _masked(value)
+    if isinstance(value, dict):
+        return {key: _masked_value(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_masked_value(item) for item in value]
+    return value
 
 
 _real_stderr: Any = None  # set while foreign output is being wrapped
@@ -173,7 +199,7 @@ def waiting(key: int, waited: float, holder: Holder | None) -> None:
     _emit(
         "lock_waiting",
         [f"⏳ Waiting for migration lock {key} ({waited:.0f}s so far); held by {held_by}"],
-        key=key,
+        key=str(key),
         waited_seconds=round(waited, 1),
         holder=holder.as_dict() if holder else None,
     )
@@ -183,7 +209,7 @@ def lock_acquired(key: int, waited: float) -> None:
     _emit(
         "lock_acquired",
         [f"✅ Acquired migration lock (key {key}, after {waited:.1f}s)"],
-        key=key,
+        key=str(key),
         waited_seconds=round(waited, 1),
     )
 
@@ -202,7 +228,7 @@ def lock_timeout(waited: float) -> None:
 
 
 def lock_released(key: int) -> None:
-    _emit("lock_released", [f"✅ Released migration lock (key {key})"], key=key)
+    _emit("lock_released", [f"✅ Released migration lock (key {key})"], key=str(key))
 
 
 def lock_lost(key: int, reason: str) -> None:
@@ -213,7 +239,7 @@ def lock_lost(key: int, reason: str) -> None:
             "   Another runner may have migrated concurrently; check the schema before trusting it",
         ],
         level="error",
-        key=key,
+        key=str(key),
         reason=reason,
     )
 
@@ -264,17 +290,32 @@ def head_reached(target: Sequence[str], waited: float) -> None:
     )
 
 
-def head_not_reached(target: Sequence[str], current: Sequence[str], waited: float) -> None:
+def head_not_reached(
+    target: Sequence[str], current: Sequence[str], waited: float, problem: str | None = None
+) -> None:
+    lines = [
+        f"❌ The schema did not reach {_revisions(target)} within {waited:.0f}s "
+        f"(still at {_revisions(current)}): not starting the service"
+    ]
+    if problem:
+        lines.append(f"   Last problem reading it: {problem}")
     _emit(
         "head_not_reached",
-        [
-            f"❌ The schema did not reach {_revisions(target)} within {waited:.0f}s "
-            f"(still at {_revisions(current)}): not starting the service"
-        ],
+        lines,
         level="error",
         heads=list(target),
         current=list(current),
         waited_seconds=round(waited, 1),
+        problem=problem,
+    )
+
+
+def read_problem(problem: str) -> None:
+    _emit(
+        "version_read_failed",
+        [f"⚠️ Cannot read the schema's version yet: {problem}; trying again"],
+        level="warning",
+        reason=problem,
     )
 
 
@@ -287,32 +328,74 @@ def applying(revision: str, message: str | None) -> None:
     )
 
 
-def applied(revision: str, message: str | None) -> None:
+def ran(revision: str, message: str | None) -> None:
     _emit(
-        "revision_applied",
-        [f"✅ Applied revision {revision}{_message(message)}"],
+        "revision_ran",
+        [f"☑️ Ran revision {revision}{_message(message)}: not committed yet"],
         revision=revision,
         revision_message=message,
     )
 
 
-def migrations_done(count: int, heads: Sequence[str]) -> None:
+def migrations_done(committed: Sequence[str], heads: Sequence[str]) -> None:
     _emit(
         "migrations_complete",
-        [f"✅ Migrations complete: {count} revision(s) applied, now at {_revisions(heads)}"],
-        count=count,
+        [
+            f"✅ Migrations complete: {len(committed)} revision(s) applied, now at "
+            f"{_revisions(heads)} (committed: {', '.join(committed)})"
+        ],
+        count=len(committed),
+        revisions=list(committed),
         heads=list(heads),
     )
 
 
-def migration_failed(revision: str | None, error: str) -> None:
+def migration_failed(
+    revision: str | None,
+    error: str,
+    rolled_back: Sequence[str] = (),
+    committed: Sequence[str] = (),
+) -> None:
     where = f"revision {revision}" if revision else "the upgrade"
+    lines = [f"❌ MIGRATION FAILED in {where}: {error}"]
+    if rolled_back:
+        lines.append(
+            f"   Rolled back: {', '.join(rolled_back)} (nothing of them is in the database)"
+        )
+    else:
+        lines.append("   Rolled back")
+    if committed:
+        lines.append(f"   Committed before the failure, and kept: {', '.join(committed)}")
+    lines.append("   The service is not started")
     _emit(
         "migration_failed",
-        [f"❌ MIGRATION FAILED in {where}: {error}", "   Rolled back; the service is not started"],
+        lines,
         level="error",
         revision=revision,
         error=error,
+        rolled_back=list(rolled_back),
+        committed=list(committed),
+    )
+
+
+def version_table_busy(waited: float, cause: str) -> None:
+    _emit(
+        "version_table_busy",
+        [
+            f"⏳ The version table stayed locked for {waited:.1f}s: a migration is running "
+            f"elsewhere ({cause})"
+        ],
+        level="warning",
+        waited_seconds=round(waited, 1),
+        reason=cause,
+    )
+
+
+def lock_released_with_session(key: int) -> None:
+    _emit(
+        "lock_released_with_session",
+        [f"✅ Migration lock {key} released with its session (the connection was closed)"],
+        key=str(key),
     )
 
 

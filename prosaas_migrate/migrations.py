@@ -1,9 +1,19 @@
-"""The only module that imports Alembic: read the project, compare revisions, upgrade to head."""
+"""The only module that imports Alembic (online): load the project, read versions, upgrade.
+
+env.py always runs as the project wrote it. The locked connection is offered as
+config.attributes["connection"] (Alembic's cookbook); an env.py that builds its own engine (the
+stock `alembic init` templates, sync or asyncio) gets the URL through sqlalchemy.url, and hooks
+on every SQLAlchemy pool and engine apply our session settings to each connection it opens.
+"""
 
 from __future__ import annotations
 
+import os
+import traceback
 from collections.abc import Callable, Iterator
-from typing import Any
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from alembic.config import Config
@@ -12,27 +22,82 @@ from alembic.runtime.migration import MigrationContext, MigrationStep
 from alembic.script import Script, ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import Pool, StaticPool
 
 from prosaas_migrate import logs
-from prosaas_migrate.database import current_revisions
-from prosaas_migrate.errors import ConfigError, MigrationFailed
-from prosaas_migrate.revisions import AlembicIni
+from prosaas_migrate.conninfo import ConnInfo, scrub, sqlalchemy_url
+from prosaas_migrate.errors import (
+    ConfigError,
+    DatabaseError,
+    MigrationFailed,
+    ProjectBroken,
+    VersionTableBusy,
+)
+
+if TYPE_CHECKING:
+    from prosaas_migrate.database import VersionTable
+    from prosaas_migrate.revisions import Project
+
+OnConnect = Callable[[Any], None]  # a DB-API connection any engine has just opened
+BeforeCommit = Callable[[Connection], None]  # raise to veto a commit
 
 
-def load_config(ini: AlembicIni) -> Config:
-    return Config(ini.path)
+@dataclass(frozen=True)
+class VersionState:
+    """One version table as a MigrationContext of the project's env.py sees it."""
+
+    table: VersionTable  # (schema or None, name)
+    current: tuple[str, ...]
+
+
+@dataclass
+class Upgrade:
+    """What an upgrade did: revisions whose upgrade() completed, in order, and where."""
+
+    ran: list[str] = field(default_factory=list)
+    running: str | None = None
+    states: list[VersionState] = field(default_factory=list)
+
+
+def load_config(project: Project, info: ConnInfo | None, engines: dict[str, ConnInfo]) -> Config:
+    """Alembic's Config for the project, with the URL(s) to migrate with, in psycopg 3 form."""
+    ini = project.ini_path if os.path.isfile(project.ini_path) else None
+    cfg = Config(file_=ini, toml_file=project.toml_path)
+    if info is not None:
+        cfg.set_main_option("sqlalchemy.url", _ini_escape(sqlalchemy_url(info)))
+    for name, engine in engines.items():
+        cfg.set_section_option(name, "sqlalchemy.url", _ini_escape(sqlalchemy_url(engine)))
+    return cfg
+
+
+def _ini_escape(url: str) -> str:
+    return url.replace("%", "%%")  # configparser interpolation
 
 
 def script_directory(cfg: Config) -> ScriptDirectory:
+    """The scripts, every revision file loaded now, so that a broken one is named here."""
     try:
-        return ScriptDirectory.from_config(cfg)
+        script = ScriptDirectory.from_config(cfg)
     except CommandError as exc:
         raise ConfigError("ALEMBIC_CONFIG", cfg.config_file_name, str(exc)) from None
+    try:
+        script.revision_map.heads  # noqa: B018 - loads (and so checks) every revision file
+    except Exception as exc:
+        raise ProjectBroken(_where(exc, script.dir), describe(exc)) from None
+    return script
 
 
 def heads(script: ScriptDirectory) -> tuple[str, ...]:
     return tuple(sorted(script.get_heads()))
+
+
+def known(script: ScriptDirectory, revision: str) -> bool:
+    """Whether these scripts have `revision` (a database ahead of them has others)."""
+    try:
+        return script.revision_map.get_revision(revision) is not None
+    except Exception:
+        return False
 
 
 def pending(script: ScriptDirectory, current: tuple[str, ...]) -> list[Script]:
@@ -41,87 +106,197 @@ def pending(script: ScriptDirectory, current: tuple[str, ...]) -> list[Script]:
     return [revision for revision in reversed(list(found)) if isinstance(revision, Script)]
 
 
-def sqlalchemy_url(url: str) -> str:
-    """Name the psycopg 3 driver explicitly, so SQLAlchemy never falls back to psycopg2."""
-    return "postgresql+psycopg://" + url.partition("://")[2]
+def committed(script: ScriptDirectory, current: tuple[str, ...]) -> set[str]:
+    """Every revision at or below `current`: what the database really has."""
+    if not current:
+        return set()
+    try:
+        found = script.iterate_revisions(current, "base")
+    except Exception:
+        return set(current)
+    return {revision.revision for revision in found if isinstance(revision, Script)}
 
 
-def upgrade_to_head(
+@contextmanager
+def _session(
     conn: psycopg.Connection[Any],
-    cfg: Config,
-    script: ScriptDirectory,
-    url: str,
-    on_connect: Callable[[psycopg.Connection[Any]], None],
-) -> int:
-    """Run `alembic upgrade head` on `conn` (the locked connection); return revisions applied.
-
-    env.py gets the connection as config.attributes["connection"] (Alembic's cookbook); a stock
-    env.py that builds its own engine gets the URL through sqlalchemy.url, and `on_connect` runs
-    on every connection any engine opens meanwhile, so statement_timeout holds there too.
-    """
+    info: ConnInfo | None,
+    on_connect: OnConnect,
+    before_commit: BeforeCommit | None = None,
+) -> Iterator[Connection]:
+    """A SQLAlchemy Connection over `conn`, with hooks on every engine env.py may create."""
     conn.autocommit = False
-    engine = create_engine(sqlalchemy_url(url), creator=lambda: conn, poolclass=StaticPool)
-    cfg.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
-    tracker = _StepTracker(script)
+    url = sqlalchemy_url(info) if info is not None else "postgresql+psycopg://"
+    engine = create_engine(url, creator=lambda: conn, poolclass=StaticPool)
 
     def session_setup(dbapi_connection: Any, _record: Any) -> None:
         on_connect(dbapi_connection)
 
+    def commit_guard(connection: Connection) -> None:
+        if before_commit is not None:
+            before_commit(connection)
+
     event.listen(Pool, "connect", session_setup)
+    event.listen(Engine, "commit", commit_guard)
     try:
-        with logs.foreign_output_as_events("env.py"), engine.connect() as connection:
+        with engine.connect() as connection:
+            yield connection
+            # The cookbook's caller commits (engine.begin()); an env.py that left a transaction
+            # open would otherwise be rolled back silently when the connection closes.
+            if connection.in_transaction():
+                connection.commit()
+    finally:
+        event.remove(Engine, "commit", commit_guard)
+        event.remove(Pool, "connect", session_setup)
+        if not conn.closed:
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.rollback()
+            conn.autocommit = True
+
+
+def read_versions(
+    cfg: Config,
+    script: ScriptDirectory,
+    conn: psycopg.Connection[Any],
+    info: ConnInfo | None,
+    *,
+    timeout: float,
+) -> list[VersionState]:
+    """Each version table env.py uses and what it holds, read-only (Alembic's `current`).
+
+    Nothing is set on the sessions env.py opens (they may go through a pooler that would hand
+    a setting on to another client); instead every statement still running after `timeout`
+    seconds is cancelled, which a blocked lock wait is too, and VersionTableBusy is raised.
+    """
+    import threading
+
+    states: list[VersionState] = []
+    opened: list[Any] = [conn]
+
+    def record(rev: Any, context: MigrationContext) -> list[MigrationStep]:
+        table = (context.version_table_schema, context.version_table)
+        states.append(VersionState(table, tuple(sorted(context.get_current_heads()))))
+        return []
+
+    def cancel_all() -> None:
+        for connection in opened:
+            _cancel(connection)
+
+    watchdog = threading.Timer(max(timeout, 0.05), cancel_all)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        with (
+            logs.foreign_output_as_events("env.py"),
+            _session(conn, info, opened.append) as connection,
+        ):
+            cfg.attributes["connection"] = connection
+            with EnvironmentContext(cfg, script, fn=record, as_sql=False, dont_mutate=True):
+                script.run_env()
+            connection.rollback()
+    except Exception as exc:
+        cause = getattr(exc, "orig", None) or exc
+        if isinstance(cause, psycopg.errors.LockNotAvailable | psycopg.errors.QueryCanceled):
+            raise VersionTableBusy(int(timeout * 1000), describe(exc, info)) from None
+        if isinstance(cause, psycopg.OperationalError):
+            raise cause from None  # the connection failed: the caller knows what that means
+        if isinstance(cause, psycopg.Error):
+            raise DatabaseError("reading the version table", describe(exc, info)) from None
+        raise ProjectBroken(_where(exc, script.dir), describe(exc, info)) from None
+    finally:
+        watchdog.cancel()
+        cfg.attributes.pop("connection", None)
+    return states
+
+
+def _cancel(dbapi_connection: Any) -> None:
+    """Cancel whatever `dbapi_connection` (psycopg, or SQLAlchemy's asyncio adapter of it) runs."""
+    driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    with suppress(Exception):  # closed meanwhile: nothing left to cancel
+        driver.pgconn.get_cancel().cancel()
+
+
+def upgrade(
+    conn: psycopg.Connection[Any],
+    cfg: Config,
+    script: ScriptDirectory,
+    info: ConnInfo | None,
+    done: Upgrade,
+    *,
+    on_connect: OnConnect,
+    before_commit: BeforeCommit | None = None,
+) -> None:
+    """Run `alembic upgrade head` with `conn` (the locked connection) offered to env.py.
+
+    `done` records what ran, as it runs; MigrationFailed names the revision that failed.
+    """
+    tracker = _StepTracker(script, done)
+    try:
+        with (
+            logs.foreign_output_as_events("env.py"),
+            _session(conn, info, on_connect, before_commit) as connection,
+        ):
             cfg.attributes["connection"] = connection
             with EnvironmentContext(
                 cfg, script, fn=tracker.steps, destination_rev="heads", as_sql=False
             ):
                 script.run_env()
-            # The cookbook's caller commits (engine.begin()); an env.py that left a transaction
-            # open would otherwise be rolled back silently when the connection closes.
-            if connection.in_transaction():
-                connection.commit()
+        tracker.finish()
     except Exception as exc:
-        raise MigrationFailed(tracker.running, _describe(exc)) from exc
+        raise MigrationFailed(done.running, describe(exc, info), original=exc) from exc
     finally:
-        event.remove(Pool, "connect", session_setup)
         cfg.attributes.pop("connection", None)
-    tracker.finish()
-    now = current_revisions(conn)
-    conn.commit()
-    if now != heads(script):
-        raise MigrationFailed(
-            None,
-            f"the upgrade ended at {list(now) or 'base'}, not head {list(heads(script))}: "
-            "it was not committed",
-        )
-    return len(tracker.applied)
 
 
 class _StepTracker:
     """Hands Alembic its upgrade steps one at a time, to log each and name the one that fails."""
 
-    def __init__(self, script: ScriptDirectory) -> None:
+    def __init__(self, script: ScriptDirectory, done: Upgrade) -> None:
         self.script = script
-        self.running: str | None = None
-        self._running_doc: str | None = None
-        self.applied: list[str] = []
+        self.done = done
+        self._doc: str | None = None
 
     def steps(self, rev: Any, context: MigrationContext) -> Iterator[MigrationStep]:
+        table = (context.version_table_schema, context.version_table)
+        self.done.states.append(VersionState(table, tuple(sorted(rev))))
         # Alembic pulls the next step only once the previous one ran without error.
-        for revision in pending(self.script, rev):
+        for revision in pending(self.script, tuple(rev)):
             self.finish()
-            self.running, self._running_doc = revision.revision, revision.doc
+            self.done.running, self._doc = revision.revision, revision.doc
             logs.applying(revision.revision, revision.doc)
             yield MigrationStep.upgrade_from_script(self.script.revision_map, revision)
 
     def finish(self) -> None:
-        if self.running is not None:
-            logs.applied(self.running, self._running_doc)
-            self.applied.append(self.running)
-            self.running = None
+        if self.done.running is not None:
+            logs.ran(self.done.running, self._doc)
+            self.done.ran.append(self.done.running)
+            self.done.running = None
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException, info: ConnInfo | None = None) -> str:
     """One line of the error: the original driver error when SQLAlchemy wrapped it."""
     cause = getattr(exc, "orig", None) or exc
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    return f"{type(cause).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    text = f"{type(cause).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return scrub(text, info.secrets) if info else text
+
+
+def sqlstate(exc: BaseException | None) -> str | None:
+    """The SQLSTATE behind a (possibly SQLAlchemy-wrapped) driver error."""
+    cause = getattr(exc, "orig", None) or exc
+    return getattr(cause, "sqlstate", None)
+
+
+def _where(exc: BaseException, script_dir: str) -> str:
+    """The file (and line) of the project that the error comes from."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{os.path.relpath(exc.filename)}:{exc.lineno}"
+    root = os.path.abspath(script_dir)
+    frames = [
+        frame
+        for frame in traceback.extract_tb(exc.__traceback__)
+        if os.path.abspath(frame.filename).startswith(root + os.sep)
+    ]
+    if frames:
+        return f"{os.path.relpath(frames[-1].filename)}:{frames[-1].lineno}"
+    return os.path.relpath(script_dir)

@@ -1,9 +1,11 @@
-"""The Alembic project read as plain files: the ini's settings and the head revision ids.
+"""The Alembic project read as plain files: where its config is, and the revision graph.
 
 Importing Alembic (and with it SQLAlchemy) costs about 350 ms, most of a restart on a schema that
-is already current. This reader answers "which revisions are heads" from the revision files'
-source alone, and answers None whenever Alembic could see it differently (branch labels,
-depends_on, extra version locations, computed ids); Alembic then decides.
+is already current. This reader answers "which revisions exist, which are heads" from the
+revision files' source alone, but only for projects it can read exactly as Alembic does: any
+setting it does not understand, a pyproject.toml setting beyond the template's, a custom version
+table in env.py, branch labels, computed ids... make it answer None ("unsure"), and Alembic
+decides. It must never be more optimistic than Alembic.
 """
 
 from __future__ import annotations
@@ -12,51 +14,171 @@ import ast
 import configparser
 import os
 import re
-from dataclasses import dataclass
+from contextlib import suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prosaas_migrate.errors import ConfigError
 
 # Alembic's own filter for revision files (script/base.py, _only_source_rev_file).
 _REVISION_FILE = re.compile(r"(?!\.\#|__init__)(.*\.py)$")
-# Options that change where Alembic looks for revisions: leave those projects to Alembic.
-_UNSUPPORTED_OPTIONS = ("version_locations", "recursive_version_locations", "sourceless")
+# Settings whose effect on "which revisions exist" this reader reproduces exactly. Anything
+# else (version_locations, recursive_version_locations, sourceless, a key env.py reads itself)
+# sends the project to Alembic. path_separator and version_path_separator only split
+# multi-valued options; prepend_sys_path only changes imports, and revision ids are read here
+# from literals, never imported.
+_UNDERSTOOD = frozenset(
+    {
+        "script_location",
+        "prepend_sys_path",
+        "path_separator",
+        "version_path_separator",
+        "file_template",
+        "timezone",
+        "truncate_slug_length",
+        "output_encoding",
+        "revision_environment",
+        "post_write_hooks",
+        "sqlalchemy.url",
+    }
+)
+TOML_NAME = "pyproject.toml"
 
 
 @dataclass(frozen=True)
-class AlembicIni:
-    """The [alembic] settings the runner needs before (or instead of) importing Alembic."""
+class Project:
+    """The Alembic settings the runner needs before (or instead of) importing Alembic."""
 
-    path: str
+    ini_path: str  # what Alembic's Config gets as file_ (it may not exist: pyproject-only)
+    toml_path: str | None  # the pyproject.toml Alembic reads [tool.alembic] from, if any
     script_location: str
-    url: str | None
-    plain_layout: bool  # no option that moves revisions beyond script_location/versions
+    url: str | None  # sqlalchemy.url in [alembic]
+    engines: dict[str, str | None] = field(default_factory=dict)  # multidb: name -> its URL
+    unsure: str | None = None  # why the fast path cannot read this project; None = it can
+
+    @property
+    def path(self) -> str:
+        """The file to name in messages."""
+        return self.ini_path if os.path.isfile(self.ini_path) else (self.toml_path or "")
 
 
-def read_ini(path: str, source: str) -> AlembicIni:
-    """Read the ini as Alembic's Config does (with %(here)s); ConfigError names its origin."""
+@dataclass(frozen=True)
+class Graph:
+    """The revision ids found, and which of them are heads."""
+
+    revisions: frozenset[str]
+    heads: tuple[str, ...]
+
+
+def read_project(config_path: str, source: str) -> Project:
+    """Find the ini and pyproject.toml as Alembic's command line does; ConfigError if unusable."""
     variable = source if source != "default" else "ALEMBIC_CONFIG"
-    if not os.path.isfile(path):
-        raise ConfigError(variable, path, "the path of an existing alembic.ini (or --config)")
+    if os.path.basename(config_path) == TOML_NAME:
+        ini_path, toml_path = "alembic.ini", config_path
+    else:
+        ini_path, toml_path = config_path, TOML_NAME
+    toml = _read_toml(toml_path, variable)
+    ini = _read_ini(ini_path, variable) if os.path.isfile(ini_path) else None
+    if ini is None and toml is None:
+        raise ConfigError(
+            variable,
+            config_path,
+            "the path of an existing alembic.ini (or of a pyproject.toml with [tool.alembic])",
+        )
+    section = dict(ini[0]) if ini else {}
+    toml_settings = toml or {}
+    script_location = section.get("script_location") or toml_settings.get("script_location")
+    if not isinstance(script_location, str) or not script_location:
+        raise ConfigError(
+            variable,
+            config_path,
+            "an Alembic config with script_location in [alembic] (or in [tool.alembic] of "
+            "pyproject.toml)",
+        )
+    engines = ini[1] if ini else {}
+    unsure = _why_unsure(section, toml_settings, script_location, engines)
+    url = section.get("sqlalchemy.url")
+    return Project(
+        ini_path=ini_path,
+        toml_path=toml_path if toml is not None else None,
+        script_location=script_location,
+        url=url,
+        engines=engines,
+        unsure=unsure,
+    )
+
+
+def _read_ini(path: str, variable: str) -> tuple[dict[str, str], dict[str, str | None]]:
+    """[alembic] (with %(here)s, as Alembic's Config) and multidb's engine URLs."""
     parser = configparser.ConfigParser({"here": os.path.abspath(os.path.dirname(path))})
     try:
-        parser.read(path)
-        section = parser["alembic"]
-        script_location = section.get("script_location")
-        url = section.get("sqlalchemy.url")
-    except (configparser.Error, KeyError) as exc:
-        raise ConfigError(variable, path, f"a readable Alembic ini ({exc})") from None
-    if not script_location:
-        raise ConfigError(variable, path, "an alembic.ini with script_location in [alembic]")
-    plain = not any(section.get(option) for option in _UNSUPPORTED_OPTIONS)
-    return AlembicIni(path, script_location, url, plain)
+        parser.read(path, encoding="utf-8")
+        if not parser.has_section("alembic"):
+            return {}, {}
+        section = {key: parser.get("alembic", key) for key in parser.options("alembic")}
+        section.pop("here", None)
+        engines: dict[str, str | None] = {}
+        for name in [n.strip() for n in section.get("databases", "").split(",") if n.strip()]:
+            has = parser.has_option(name, "sqlalchemy.url")
+            engines[name] = parser.get(name, "sqlalchemy.url") if has else None
+    except (configparser.Error, UnicodeDecodeError, ValueError) as exc:
+        one_line = " ".join(str(exc).split())
+        raise ConfigError(variable, path, f"a readable Alembic ini ({one_line})") from None
+    return section, engines
 
 
-def heads(ini: AlembicIni) -> tuple[str, ...] | None:
-    """The head revision ids, sorted, exactly as Alembic would find them; None when unsure."""
-    if not ini.plain_layout or ":" in ini.script_location:  # "package:path" resources
+def _read_toml(path: str, variable: str) -> dict[str, object] | None:
+    """[tool.alembic] of pyproject.toml with %(here)s substituted, or None if there is none."""
+    if not os.path.isfile(path):
         return None
-    versions = Path(ini.script_location) / "versions"  # relative to the working folder, as Alembic
+    import tomllib
+
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(variable, path, f"a readable pyproject.toml ({exc})") from None
+    tool = data.get("tool")
+    settings = tool.get("alembic") if isinstance(tool, dict) else None
+    if not isinstance(settings, dict):
+        return None
+    here = Path(path).absolute().parent.as_posix()
+    location = settings.get("script_location")
+    if isinstance(location, str):
+        with suppress(KeyError, ValueError, TypeError):  # Alembic will say what is wrong
+            settings["script_location"] = location % {"here": here}
+    return settings
+
+
+def _why_unsure(
+    section: dict[str, str],
+    toml: dict[str, object],
+    script_location: str,
+    engines: dict[str, str | None],
+) -> str | None:
+    if engines:
+        return "several databases (multidb)"
+    for origin, keys in (("alembic.ini", section), ("pyproject.toml", toml)):
+        for key in keys:
+            if key not in _UNDERSTOOD and not key.startswith("sqlalchemy."):
+                return f"{key} in {origin}"
+    if ":" in script_location and not os.path.isabs(script_location):
+        return "script_location names a package resource"
+    env_py = Path(script_location) / "env.py"
+    try:
+        env_source = env_py.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return f"{env_py} cannot be read"
+    if "version_table" in env_source:
+        return "env.py chooses its own version table"
+    return None
+
+
+def read_graph(project: Project) -> Graph | None:
+    """Every revision id and the heads, exactly as Alembic would find them; None when unsure."""
+    if project.unsure is not None:
+        return None
+    versions = Path(project.script_location) / "versions"  # relative to the working folder
     if not versions.is_dir():
         return None
     revisions: dict[str, tuple[str, ...]] = {}
@@ -70,7 +192,7 @@ def heads(ini: AlembicIni) -> tuple[str, ...] | None:
     parents = {parent for downs in revisions.values() for parent in downs}
     if not parents <= revisions.keys():
         return None  # a dangling or symbolic down_revision: Alembic's to judge
-    return tuple(sorted(revisions.keys() - parents))
+    return Graph(frozenset(revisions), tuple(sorted(revisions.keys() - parents)))
 
 
 def _read_revision(path: Path) -> tuple[str, tuple[str, ...]] | None:

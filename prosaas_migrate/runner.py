@@ -1,4 +1,4 @@
-"""The run flow: decide -> connect -> lock -> upgrade -> release -> exec."""
+"""The run flow: decide -> connect -> where is the schema? -> lock -> upgrade -> release -> exec."""
 
 from __future__ import annotations
 
@@ -13,20 +13,27 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from prosaas_migrate import logs
-from prosaas_migrate.config import Settings, migration_url, redact_url
+from prosaas_migrate.config import Settings, default_lock_key
 from prosaas_migrate.errors import (
     DatabaseUnreachable,
     ExecFailed,
     ExitCode,
     HeadNotReached,
     Interrupted,
+    MigrationFailed,
     TransactionPooling,
+    VersionTableBusy,
 )
 
 if TYPE_CHECKING:
-    from prosaas_migrate.revisions import AlembicIni
+    import psycopg
+
+    from prosaas_migrate.conninfo import ConnInfo
+    from prosaas_migrate.migrations import Upgrade
+    from prosaas_migrate.schema import Reader
 
 HEAD_POLL_INTERVAL = (0.2, 0.5)  # read-only polls of the version table, jittered
+PROBE_SECONDS = (2.0, 5.0)  # the pooler probe's wait for a second server session: min, max
 
 
 def run(
@@ -52,68 +59,173 @@ def run(
 
 
 def migrate(settings: Settings, *, hostname: str, clock: Callable[[], float]) -> None:
-    """Connect, take the lock within the wait budget, upgrade to head, release; or skip."""
+    """Connect, see whether anything is pending, take the lock within the wait budget, upgrade
+    to head and release; or start at once (at head), or skip (lock or version table busy)."""
+    import psycopg
+
+    from prosaas_migrate import database
+    from prosaas_migrate.errors import DatabaseError
+    from prosaas_migrate.schema import Reader, target
+
+    started = clock()
+    deadline = started + settings.lock_wait_seconds
+    goal = target(settings)
+    info = goal.info
+    assert info is not None  # target() always resolves one
+    reader = Reader(goal)
+    app_name = database.application_name(hostname)
+
+    def remaining_ms() -> int:
+        return max(int((deadline - clock()) * 1000), 0)
+
+    def connect() -> psycopg.Connection[Any]:
+        return database.connect(info, app_name=app_name, deadline=deadline, clock=clock)
+
+    conn = connect()
+    try:
+        try:
+            position = reader.position(conn, remaining_ms()) if goal.graph else None
+            if position is not None and position.at_head:
+                logs.at_head(position.heads, locked=False)
+                return
+            probe_seconds = min(max(remaining_ms() / 1000, PROBE_SECONDS[0]), PROBE_SECONDS[1])
+            pooled = database.transaction_pooling(conn, info, timeout=probe_seconds)
+            if pooled:
+                logs.pooler_refused(pooled)
+                raise TransactionPooling(settings.database_url_source or "DATABASE_URL", pooled)
+            if position is None:
+                position = reader.position(conn, remaining_ms())
+                if position.at_head:
+                    logs.at_head(position.heads, locked=False)
+                    return
+        except VersionTableBusy as busy:
+            logs.version_table_busy(clock() - started, busy.cause)
+            logs.lock_timeout(clock() - started)
+            return
+        key = settings.lock_key
+        if key is None:
+            key = default_lock_key(database.table_name(position.table or database.DEFAULT_TABLE))
+        session = {
+            "statement_timeout": str(settings.statement_timeout_ms),
+            "application_name": app_name,
+            **database.PEER_CHECKS,
+        }
+        database.set_session(conn, {**session, **database.LOCK_SESSION})
+        database.verify_durations(
+            conn,
+            {
+                "statement_timeout": (settings.statement_timeout, settings.statement_timeout_ms),
+                "idle_session_timeout": ("0", 0),
+                "idle_in_transaction_session_timeout": ("0", 0),
+            },
+        )
+        logs.statement_timeout_set(settings.statement_timeout)
+        holding = _acquire(conn, key, started, deadline, clock, connect, session, info)
+        if holding is None:
+            return
+        conn = holding
+        _upgrade_under_lock(conn, key, reader, session)
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnreachable(
+            info.display, clock() - started, 1, database.one_line(exc, info)
+        ) from None
+    except psycopg.Error as exc:
+        raise DatabaseError("checking the schema", database.one_line(exc, info)) from None
+    finally:
+        conn.close()
+
+
+def _acquire(
+    conn: psycopg.Connection[Any],
+    key: int,
+    started: float,
+    deadline: float,
+    clock: Callable[[], float],
+    connect: Callable[[], psycopg.Connection[Any]],
+    session: dict[str, str],
+    info: ConnInfo,
+) -> psycopg.Connection[Any] | None:
+    """Poll for the lock until the deadline; the (possibly new) connection holding it, or None."""
     import psycopg
 
     from prosaas_migrate import database, lock
 
-    started = clock()
-    deadline = started + settings.lock_wait_seconds
-    ini, url, target = _project(settings)
-    app_name = database.application_name(hostname)
-
-    def session_setup(connection: Any) -> None:
-        database.set_session_settings(connection, settings.statement_timeout_ms, app_name)
-
-    def connect() -> Any:
-        return database.connect(url, app_name=app_name, deadline=deadline, clock=clock)
-
-    conn = connect()
-    try:
-        # Routine restarts on an unchanged schema must not queue on the lock behind a migrator.
-        if database.current_revisions(conn) == target:
-            logs.at_head(target, locked=False)
-            return
-        pooled = database.transaction_pooling(conn, url)
-        if pooled:
-            logs.pooler_refused(pooled)
-            raise TransactionPooling(settings.database_url_source or "DATABASE_URL", pooled)
-        session_setup(conn)
-        database.verify_statement_timeout(
-            conn, settings.statement_timeout, settings.statement_timeout_ms
-        )
-        logs.statement_timeout_set(settings.statement_timeout)
-        waiting_since = clock()
-        while True:
-            try:
-                acquired, _ = lock.acquire_within(conn, settings.lock_key, deadline, clock=clock)
-                break
-            except psycopg.OperationalError as exc:
-                # A restarted server or a dropped connection: reconnect within the same budget.
-                logs.connection_lost(redact_url(url), _one_line(exc))
-                conn.close()
-                conn = connect()
-                session_setup(conn)
-        waited = clock() - waiting_since
-        if not acquired:
-            logs.lock_timeout(waited)
-            return
-        logs.lock_acquired(settings.lock_key, waited)
-        with lock.releasing(conn, settings.lock_key):
-            # Re-read under the lock: whoever held it before us may have just migrated.
-            if database.current_revisions(conn) == target:
-                logs.at_head(target, locked=True)
-                return
-            from prosaas_migrate import migrations
-
-            cfg = migrations.load_config(ini)
-            script = migrations.script_directory(cfg)
-            count = migrations.upgrade_to_head(conn, cfg, script, url, session_setup)
-            logs.migrations_done(count, migrations.heads(script))
-    except psycopg.OperationalError as exc:
-        raise DatabaseUnreachable(redact_url(url), clock() - started, 1, _one_line(exc)) from None
-    finally:
+    waiting_since = clock()
+    while True:
+        try:
+            acquired, _ = lock.acquire_within(conn, key, deadline, clock=clock)
+            break
+        except psycopg.OperationalError as exc:
+            # A restarted server or a dropped connection: reconnect within the same budget.
+            logs.connection_lost(info.display, database.one_line(exc, info))
+            conn.close()
+            conn = connect()
+            database.set_session(conn, {**session, **database.LOCK_SESSION})
+    if not acquired:
         conn.close()
+        logs.lock_timeout(clock() - started)  # the whole budget: connecting counts too
+        return None
+    logs.lock_acquired(key, clock() - waiting_since)
+    return conn
+
+
+def _upgrade_under_lock(
+    conn: psycopg.Connection[Any], key: int, reader: Reader, session: dict[str, str]
+) -> None:
+    from prosaas_migrate import database, lock, migrations
+
+    goal = reader.goal
+
+    def on_connect(dbapi_connection: Any) -> None:
+        database.set_session(dbapi_connection, session)
+
+    with lock.releasing(conn, key):
+        # Re-read under the lock: whoever held it before us may have just migrated.
+        if goal.graph is not None and database.current_revisions(conn) == goal.graph.heads:
+            logs.at_head(goal.graph.heads, locked=True)
+            return
+        cfg, script, heads = reader.alembic
+        done = migrations.Upgrade()
+        try:
+            migrations.upgrade(conn, cfg, script, goal.info, done, on_connect=on_connect)
+        except MigrationFailed as failure:
+            raise _accounted(failure, conn, reader, done) from failure.original
+        now = reader.committed(conn, done.states)
+        if not now.at_head:
+            raise MigrationFailed(
+                None,
+                f"the upgrade ended at {list(now.current) or 'base'}, not head {list(heads)}: "
+                "it was not committed",
+                rolled_back=[r for r in done.ran if r not in now.current],
+            )
+        if done.ran:
+            logs.migrations_done(done.ran, heads)
+        else:
+            logs.at_head(heads, locked=True)
+
+
+def _accounted(
+    failure: MigrationFailed, conn: psycopg.Connection[Any], reader: Reader, done: Upgrade
+) -> MigrationFailed:
+    """The failure, saying which revisions that ran are rolled back and which stayed committed
+    (with transaction_per_migration, those before the failing one commit one by one)."""
+    from prosaas_migrate import migrations
+
+    ran = [*done.ran, *([failure.revision] if failure.revision else [])]
+    try:
+        if conn.closed or conn.broken:
+            raise ValueError("the lock connection is gone")
+        position = reader.committed(conn, done.states)
+        _, script, _ = reader.alembic
+        kept = migrations.committed(script, position.current)
+    except Exception:
+        return MigrationFailed(failure.revision, failure.cause, rolled_back=ran)
+    return MigrationFailed(
+        failure.revision,
+        failure.cause,
+        rolled_back=[r for r in ran if r not in kept],
+        committed=[r for r in ran if r in kept],
+    )
 
 
 def wait_for_head(
@@ -127,59 +239,56 @@ def wait_for_head(
     import psycopg
 
     from prosaas_migrate import database
+    from prosaas_migrate.errors import DatabaseError
+    from prosaas_migrate.schema import Reader, target
 
     started = clock()
     deadline = started + settings.wait_for_head_seconds
-    _, url, target = _project(settings)
+    goal = target(settings)
+    info = goal.info
+    assert info is not None  # target() always resolves one
+    reader = Reader(goal)
     app_name = database.application_name(hostname)
-    conn = None
+    conn: psycopg.Connection[Any] | None = None
     current: tuple[str, ...] = ()
+    heads: tuple[str, ...] = goal.graph.heads if goal.graph else ()
+    problem: str | None = None
     next_report = started
     try:
         while True:
             try:
                 if conn is None:
-                    conn = database.connect(url, app_name=app_name, deadline=deadline, clock=clock)
-                current = database.current_revisions(conn)
+                    conn = database.connect(info, app_name=app_name, deadline=deadline, clock=clock)
+                remaining = max(int((deadline - clock()) * 1000), 0)
+                position = reader.position(conn, min(remaining, 5000))
+                current, heads, problem = position.current, position.heads, None
+                if position.at_head:
+                    logs.head_reached(heads, clock() - started)
+                    return
+            except VersionTableBusy:
+                problem = "the version table is locked by a running migration"
             except psycopg.OperationalError as exc:
-                logs.connection_lost(redact_url(url), _one_line(exc))
+                logs.connection_lost(info.display, database.one_line(exc, info))
                 if conn is not None:
                     conn.close()
                 conn = None
+            except (psycopg.Error, DatabaseError) as exc:
+                # No privilege yet, say: it may be granted (or the table created) in time.
+                text = str(exc) if isinstance(exc, DatabaseError) else database.one_line(exc)
+                if text != problem:
+                    logs.read_problem(text)
+                problem = text
             now = clock()
-            if current == target:
-                logs.head_reached(target, now - started)
-                return
             if now >= deadline:
-                logs.head_not_reached(target, current, now - started)
-                raise HeadNotReached(target, current, now - started)
+                logs.head_not_reached(heads, current, now - started, problem)
+                raise HeadNotReached(heads, current, now - started)
             if now >= next_report:
-                logs.waiting_for_head(target, current, now - started)
+                logs.waiting_for_head(heads, current, now - started)
                 next_report = now + logs.REPORT_EVERY_SECONDS
             sleep(min(random.uniform(*HEAD_POLL_INTERVAL), deadline - now))
     finally:
         if conn is not None:
             conn.close()
-
-
-def _project(settings: Settings) -> tuple[AlembicIni, str, tuple[str, ...]]:
-    """The ini, the URL to use and the scripts' heads, read before anything connects."""
-    from prosaas_migrate import revisions
-
-    ini = revisions.read_ini(settings.alembic_config, settings.alembic_config_source)
-    url = migration_url(settings, ini.url)
-    # Known before waiting, so that a freed lock is followed by one query, not file reading.
-    return ini, url, revisions.heads(ini) or _alembic_heads(ini)
-
-
-def _alembic_heads(ini: AlembicIni) -> tuple[str, ...]:
-    from prosaas_migrate import migrations
-
-    return migrations.heads(migrations.script_directory(migrations.load_config(ini)))
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def start_service(command: Sequence[str]) -> ExitCode:

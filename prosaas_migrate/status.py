@@ -1,7 +1,8 @@
 """The read-only report for a person at a shell (text) or a machine (JSON).
 
 Read-only means: no lock taken, no version table created, nothing written, no transaction left
-open. The connection runs in autocommit with default_transaction_read_only on, as a second guard.
+open. Reads run in short read-only transactions whose limits are transaction-local, so nothing
+stays on a server session a pooler hands to someone else.
 """
 
 from __future__ import annotations
@@ -10,21 +11,15 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prosaas_migrate import __version__, config
-from prosaas_migrate.errors import ConfigError, MigrateError
+from prosaas_migrate.errors import CheckCode, ConfigError, MigrateError
 
-SETTING_VARIABLES = config.KNOWN_VARIABLES
-_DEFAULTS = {
-    "MIGRATION_LOCK_WAIT_SECONDS": str(config.DEFAULT_LOCK_WAIT_SECONDS),
-    "MIGRATION_STATEMENT_TIMEOUT": config.DEFAULT_STATEMENT_TIMEOUT,
-    "MIGRATION_LOCK_KEY": str(config.DEFAULT_LOCK_KEY),
-    "MIGRATION_WAIT_FOR_HEAD_SECONDS": str(config.DEFAULT_WAIT_FOR_HEAD_SECONDS),
-    "MIGRATION_LOG_FORMAT": "text",
-    "ALEMBIC_CONFIG": config.DEFAULT_ALEMBIC_CONFIG,
-}
-_STATUS_STATEMENT_TIMEOUT_MS = 5000  # a report must never hang on a busy server
+if TYPE_CHECKING:
+    from prosaas_migrate.schema import Reader
+
+READ_TIMEOUT_MS = 5000  # a report must never hang on a busy server
 
 
 def gather(
@@ -33,6 +28,7 @@ def gather(
     dotenv_names: set[str],
     config_option: str | None,
     hostname: str,
+    dotenv_error: str | None = None,
 ) -> dict[str, Any]:
     """Build the whole report; each section carries its own error instead of failing."""
     bad = config.problems(environ)
@@ -43,51 +39,74 @@ def gather(
     )
     report: dict[str, Any] = {
         "version": __version__,
-        "configuration": _configuration(environ, bad, dotenv_names, config_option, settings),
+        "configuration": _configuration(environ, bad, dotenv_names, settings, dotenv_error),
     }
-    report["alembic"], ini, script = _alembic(settings)
-    report["database"], conn = _database(settings, bad, ini, hostname)
+    report["alembic"], reader = _alembic(settings, bad)
+    report["database"], conn = _database(settings, bad, reader, hostname)
     try:
-        report["revisions"] = _revisions(conn, script)
-        report["lock"] = _lock(conn, settings, bad)
+        report["revisions"], table = _revisions(conn, reader)
+        report["lock"] = _lock(conn, settings, bad, table)
     finally:
         if conn is not None:
             conn.close()
     return report
 
 
-def exit_code(report: Mapping[str, Any], *, check: bool) -> int:
-    """0; with --check: 2 for a bad configuration, 3 unreachable, 1 pending migrations."""
+def exit_code(report: Mapping[str, Any], *, check: bool) -> CheckCode:
+    """0; with --check, the CheckCode table: never 1 ("pending") for "could not tell"."""
     if not check:
-        return 0
-    if report["configuration"]["errors"]:
-        return 2
-    if not report["database"]["reachable"]:
-        return 3
+        return CheckCode.AT_HEAD
+    if report["configuration"]["errors"] or report["alembic"]["error"]:
+        return CheckCode.MISCONFIGURED
     revisions = report["revisions"]
-    return 1 if revisions["error"] or not revisions["at_head"] else 0
+    if not report["database"]["reachable"] or revisions["error"] or revisions["at_head"] is None:
+        return CheckCode.UNKNOWN
+    if revisions["unknown"]:
+        return CheckCode.AHEAD
+    return CheckCode.AT_HEAD if revisions["at_head"] else CheckCode.PENDING
 
 
 def _configuration(
     environ: Mapping[str, str],
     bad: Mapping[str, ConfigError],
     dotenv_names: set[str],
-    config_option: str | None,
     settings: config.Settings,
+    dotenv_error: str | None,
 ) -> dict[str, Any]:
+    from prosaas_migrate import conninfo
+
     rows = []
-    for name in SETTING_VARIABLES:
-        value = environ.get(name) or None
-        source = ".env" if name in dotenv_names else "environment"
+    url_in_use = settings.database_url_source
+    for setting in config.SETTINGS:
+        value = config.value_of(environ, setting.name)
+        source = ".env" if setting.name in dotenv_names else "environment"
         if value is None:
-            value, source = _DEFAULTS.get(name), "default" if name in _DEFAULTS else "unset"
-        if name == "ALEMBIC_CONFIG" and config_option is not None:
-            value, source = config_option, "--config"
-        if value is not None and name.endswith("DATABASE_URL"):
-            value = config.redact_url(value)
-        error = bad.get(name)
-        rows.append({"name": name, "value": value, "source": source, "error": error and str(error)})
+            value, source = setting.default, "default" if setting.default is not None else "unset"
+        if setting.name == "ALEMBIC_CONFIG" and settings.alembic_config_source == "--config":
+            value, source = settings.alembic_config, "--config"
+        if setting.secret and value is not None:
+            value = conninfo.redact(value)
+        note = None
+        if (
+            setting.name in config.URL_VARIABLES
+            and value is not None
+            and setting.name != url_in_use
+        ):
+            note = f"not used for migrating: {url_in_use} wins"
+        error = bad.get(setting.name)
+        rows.append(
+            {
+                "name": setting.name,
+                "value": value,
+                "source": source,
+                "error": error and str(error),
+                "note": note,
+            }
+        )
     decision_error = next((str(bad[name]) for name in config.RUN_VARIABLES if name in bad), None)
+    errors = [str(error) for error in bad.values()]
+    if dotenv_error:
+        errors.insert(0, dotenv_error)
     return {
         "settings": rows,
         "run": {
@@ -96,38 +115,55 @@ def _configuration(
             "value": settings.decided_value,
             "error": decision_error,
         },
-        "errors": [str(error) for error in bad.values()],
+        "dotenv_error": dotenv_error,
+        "errors": errors,
     }
 
 
-def _alembic(settings: config.Settings) -> tuple[dict[str, Any], Any, Any]:
+def _alembic(
+    settings: config.Settings, bad: Mapping[str, ConfigError]
+) -> tuple[dict[str, Any], Reader | None]:
+    """The project, and a Reader for it when the URL to migrate with is usable too."""
+    from prosaas_migrate.schema import Reader, Target, target
+
     section: dict[str, Any] = {
         "config": settings.alembic_config,
         "config_source": settings.alembic_config_source,
         "script_location": None,
+        "fast_path": None,
         "error": None,
     }
     from prosaas_migrate import revisions
 
     try:
-        ini = revisions.read_ini(settings.alembic_config, settings.alembic_config_source)
+        project = revisions.read_project(settings.alembic_config, settings.alembic_config_source)
     except ConfigError as exc:
         section["error"] = str(exc)
-        return section, None, None
-    section["script_location"] = ini.script_location
+        return section, None
+    section["script_location"] = project.script_location
+    section["fast_path"] = project.unsure is None
     try:
-        from prosaas_migrate import migrations
-
-        script = migrations.script_directory(migrations.load_config(ini))
-        migrations.heads(script)  # loads every revision file now, so errors land here
-    except Exception as exc:  # a revision file that does not import: report, never crash
-        section["error"] = str(exc) if isinstance(exc, MigrateError) else _one_line(exc)
-        return section, ini, None
-    return section, ini, script
+        goal = target(settings)
+    except ConfigError as exc:
+        if exc.variable.startswith("sqlalchemy.url in ["):
+            section["error"] = str(exc)  # a multidb engine without a usable URL
+            return section, None
+        # No usable URL: the scripts can still be read (the Database section says why).
+        goal = Target(project, None, {}, revisions.read_graph(project))
+    reader = Reader(goal)
+    try:
+        reader.alembic  # noqa: B018 - loads every revision file now, so errors land here
+    except MigrateError as exc:
+        section["error"] = str(exc)
+        return section, None
+    return section, reader
 
 
 def _database(
-    settings: config.Settings, bad: Mapping[str, ConfigError], ini: Any, hostname: str
+    settings: config.Settings,
+    bad: Mapping[str, ConfigError],
+    reader: Reader | None,
+    hostname: str,
 ) -> tuple[dict[str, Any], Any]:
     section: dict[str, Any] = {
         "reachable": False,
@@ -136,60 +172,76 @@ def _database(
         "server_version": None,
         "error": None,
     }
-    broken = [bad[name] for name in config.URL_VARIABLES if name in bad]
+    in_use = settings.database_url_source
     try:
-        if broken:
-            raise broken[0]
-        url = config.migration_url(settings, ini.url if ini else None)
+        if in_use is not None and in_use in bad:
+            raise bad[in_use]
+        ini_url = reader.goal.project.url if reader is not None else None
+        info = config.migration_conninfo(settings, ini_url)
     except ConfigError as exc:
         section["error"] = f"not checked: {exc}"
         return section, None
-    section["url"] = config.redact_url(url)
-    section["url_source"] = settings.database_url_source or "sqlalchemy.url"
+    section["url"] = info.display
+    section["url_source"] = in_use or "sqlalchemy.url"
     from prosaas_migrate import database
 
-    app_name = database.application_name(hostname)
     try:
-        conn = database.connect(url, app_name=app_name, deadline=time.monotonic())
+        conn = database.connect(
+            info, app_name=database.application_name(hostname), deadline=time.monotonic()
+        )
     except MigrateError as exc:
         section["error"] = getattr(exc, "reason", str(exc))
         return section, None
-    database.set_session_settings(conn, _STATUS_STATEMENT_TIMEOUT_MS, app_name)
-    conn.execute("SELECT set_config('default_transaction_read_only', 'on', false)")
-    row = conn.execute("SHOW server_version").fetchone()
+    row = conn.execute("SELECT current_setting('server_version')").fetchone()
     section.update(reachable=True, server_version=str(row[0]) if row else None)
     return section, conn
 
 
-def _revisions(conn: Any, script: Any) -> dict[str, Any]:
-    from prosaas_migrate import database, migrations
-
+def _revisions(conn: Any, reader: Reader | None) -> tuple[dict[str, Any], Any]:
     section: dict[str, Any] = {
         "current": None,
-        "heads": None if script is None else list(migrations.heads(script)),
+        "heads": None,
         "pending": None,
         "at_head": None,
+        "unknown": None,
         "error": None,
     }
+    if reader is None:
+        return section, None
+    from prosaas_migrate import migrations
+
+    _, script, heads = reader.alembic
+    section["heads"] = list(heads)
     if conn is None:
-        return section
-    current = database.current_revisions(conn)
-    section["current"] = list(current)
-    if script is None:
-        return section
+        return section, None
+    import psycopg
+
     try:
-        pending = migrations.pending(script, current)
-    except Exception as exc:  # e.g. the database is at a revision this image does not have
-        section["error"] = f"cannot compare with the scripts: {_one_line(exc)}"
-        return section
+        position = reader.position(conn, READ_TIMEOUT_MS)
+    except (MigrateError, psycopg.Error) as exc:
+        section["error"] = str(exc) if isinstance(exc, MigrateError) else _one_line(exc)
+        return section, None
+    section["current"] = list(position.current)
+    section["unknown"] = list(position.unknown)
+    if position.unknown:
+        section["at_head"] = False
+        return section, position.table
+    pending = migrations.pending(script, position.current)
     section["pending"] = [{"revision": s.revision, "message": s.doc} for s in pending]
-    section["at_head"] = not pending
-    return section
+    section["at_head"] = position.at_head
+    return section, position.table
 
 
-def _lock(conn: Any, settings: config.Settings, bad: Mapping[str, ConfigError]) -> dict[str, Any]:
+def _lock(
+    conn: Any, settings: config.Settings, bad: Mapping[str, ConfigError], table: Any
+) -> dict[str, Any]:
+    from prosaas_migrate import database
+
+    key = settings.lock_key
+    if key is None:
+        key = config.default_lock_key(database.table_name(table or database.DEFAULT_TABLE))
     section: dict[str, Any] = {
-        "key": settings.lock_key,
+        "key": str(key),  # a 64-bit identifier: JSON numbers lose precision above 2**53
         "key_source": settings.lock_key_source,
         "held": None,
         "holder": None,
@@ -201,9 +253,16 @@ def _lock(conn: Any, settings: config.Settings, bad: Mapping[str, ConfigError]) 
     if conn is None:
         section["error"] = "database unreachable"
         return section
+    import psycopg
+
     from prosaas_migrate import lock
 
-    holder = lock.holder(conn, settings.lock_key)
+    try:
+        with database.bounded(conn, READ_TIMEOUT_MS):
+            holder = lock.holder(conn, key)
+    except (MigrateError, psycopg.Error) as exc:
+        section["error"] = str(exc) if isinstance(exc, MigrateError) else _one_line(exc)
+        return section
     section["held"] = holder is not None
     if holder is not None:
         section["holder"] = holder.as_dict()
@@ -228,6 +287,8 @@ def render_text(report: Mapping[str, Any], *, style: Callable[..., str]) -> str:
     warn = partial(style, fg="yellow")
     bad = partial(style, fg="red")
     out: list[str] = []
+    conf = report["configuration"]
+    label_width = max(len(s["name"]) for s in conf["settings"]) + 2
 
     def heading(title: str) -> None:
         if out:
@@ -235,14 +296,17 @@ def render_text(report: Mapping[str, Any], *, style: Callable[..., str]) -> str:
         out.append(style(title, bold=True))
 
     def row(label: str, value: str) -> None:
-        out.append(f"  {label:<29} {value}")
+        out.append(f"  {label:<{label_width}} {value}")
 
-    conf = report["configuration"]
     heading("Configuration")
+    if conf["dotenv_error"]:
+        row(".env", bad(conf["dotenv_error"]))
     values = ["-" if s["value"] is None else str(s["value"]) for s in conf["settings"]]
     width = max(len(v) for v in values)
     for setting, value in zip(conf["settings"], values, strict=True):
         text = f"{value:<{width}}  {setting['source']}"
+        if setting["note"]:
+            text += f"  ({setting['note']})"
         row(setting["name"], bad(f"{text}  ✗ {setting['error']}") if setting["error"] else text)
     run = conf["run"]
     if run["error"]:
@@ -258,6 +322,8 @@ def render_text(report: Mapping[str, Any], *, style: Callable[..., str]) -> str:
     heading("Alembic")
     row("config file", f"{alembic['config']} ({alembic['config_source']})")
     row("script location", alembic["script_location"] or "-")
+    if alembic["fast_path"] is not None:
+        row("fast path", "yes" if alembic["fast_path"] else "no (Alembic reads this project)")
     if alembic["error"]:
         row("error", bad(alembic["error"]))
 
@@ -274,12 +340,22 @@ def render_text(report: Mapping[str, Any], *, style: Callable[..., str]) -> str:
     row("current", _listed(revisions["current"], empty="base (no version table)"))
     row("heads", _listed(revisions["heads"], empty="-"))
     if revisions["error"]:
-        row("pending", bad(revisions["error"]))
+        row("pending", bad(f"unknown: {revisions['error']}"))
+    elif revisions["unknown"]:
+        row(
+            "pending",
+            warn(
+                f"the database is ahead of these scripts: {', '.join(revisions['unknown'])} "
+                "is not among them (a newer image migrated; a rollback deploy?)"
+            ),
+        )
     elif revisions["pending"] is not None:
         pending = revisions["pending"]
         row("pending", ok("none: at head") if not pending else warn(str(len(pending))))
         for item in pending:
-            out.append(f"    {item['revision']:<27} {item['message'] or ''}".rstrip())
+            out.append(
+                f"    {item['revision']:<{label_width - 2}} {item['message'] or ''}".rstrip()
+            )
 
     lock = report["lock"]
     heading("Lock")

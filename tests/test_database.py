@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from prosaas_migrate import config, database
+from prosaas_migrate import config, conninfo, database
 from prosaas_migrate.errors import ConfigError, DatabaseUnreachable, SessionSettingRejected
 from tests.pgcluster import free_port
 
@@ -50,7 +50,7 @@ def test_unreachable_server_fails_within_the_budget_without_the_password(
     url = f"postgresql://app:s3cr3t-pw@127.0.0.1:{free_port()}/app"
     started = time.monotonic()
     with pytest.raises(DatabaseUnreachable) as caught:
-        database.connect(url, app_name="t", deadline=started + 1.5)
+        database.connect(conninfo.parse("DATABASE_URL", url), app_name="t", deadline=started + 1.5)
     elapsed = time.monotonic() - started
     assert 1.5 <= elapsed < 4
     assert caught.value.attempts >= 3
@@ -59,13 +59,16 @@ def test_unreachable_server_fails_within_the_budget_without_the_password(
 
 
 def test_application_name_and_statement_timeout_survive_a_rollback(db_url: str) -> None:
-    conn = database.connect(db_url, app_name="prosaas-migrate:box", deadline=time.monotonic())
+    info = conninfo.parse("DATABASE_URL", db_url)
+    conn = database.connect(info, app_name="prosaas-migrate:box", deadline=time.monotonic())
     with conn:
-        database.set_session_settings(conn, 120_000, "prosaas-migrate:box")
+        database.set_session(
+            conn, {"statement_timeout": "120000", "application_name": "prosaas-migrate:box"}
+        )
         conn.autocommit = False
         conn.execute("SELECT 1")
         conn.rollback()
-        database.verify_statement_timeout(conn, "120s", 120_000)
+        database.verify_durations(conn, {"statement_timeout": ("120s", 120_000)})
         row = conn.execute("SHOW application_name").fetchone()
         assert row == ("prosaas-migrate:box",)
 
@@ -74,12 +77,12 @@ def test_a_timeout_the_server_does_not_hold_is_reported(db_url: str) -> None:
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("SET statement_timeout = '5s'")
         with pytest.raises(SessionSettingRejected, match="'5s' on the server, not '120s'"):
-            database.verify_statement_timeout(conn, "120s", 120_000)
+            database.verify_durations(conn, {"statement_timeout": ("120s", 120_000)})
 
 
 def test_set_session_settings_restores_a_non_autocommit_connection(db_url: str) -> None:
     conn: psycopg.Connection[Any]
     with psycopg.connect(db_url) as conn:
-        database.set_session_settings(conn, 1500, "x")
+        database.set_session(conn, {"statement_timeout": "1500", "application_name": "x"})
         assert conn.autocommit is False
         assert conn.execute("SHOW statement_timeout").fetchone() == ("1500ms",)

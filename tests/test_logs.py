@@ -42,15 +42,34 @@ def test_lock_lines_start_with_the_markers(capsys: pytest.CaptureFixture[str]) -
 def test_every_event_is_one_line_per_detail(capsys: pytest.CaptureFixture[str]) -> None:
     logs.waiting(42, 5, None)
     logs.applying("abc", "add leads")
-    logs.applied("abc", None)
-    logs.migration_failed("abc", "ValueError: boom")
+    logs.ran("abc", None)
+    logs.migration_failed("def", "ValueError: boom", rolled_back=["abc", "def"])
     logs.exec_service(["gunicorn", "app:app"])
     assert lines(capsys) == [
         "⏳ Waiting for migration lock 42 (5s so far); held by no holder visible "
         "(it may have just released)",
         "🔧 Applying revision abc (add leads)",
-        "✅ Applied revision abc",
-        "❌ MIGRATION FAILED in revision abc: ValueError: boom",
-        "   Rolled back; the service is not started",
+        "☑️ Ran revision abc: not committed yet",
+        "❌ MIGRATION FAILED in revision def: ValueError: boom",
+        "   Rolled back: abc, def (nothing of them is in the database)",
+        "   The service is not started",
         "🚀 Starting service: gunicorn app:app",
     ]
+
+
+def test_a_hidden_secret_never_reaches_a_line_or_a_field(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    secret = 'p"\\ä@ss'  # quotes, a backslash and an accent: JSON would escape each
+    logs.hide([secret])
+    try:
+        for log_format in ("text", "json"):
+            logs.configure(log_format)
+            logs.error(f"could not parse postgresql://u:{secret}@h/db")
+            logs.connect_retry(f"postgresql://u:{secret}@h", 1, f"no: {secret}", 3)
+    finally:
+        logs.configure("text")
+        logs._secrets = ()
+    err = capsys.readouterr().err
+    assert 'p"' not in err and secret not in err and "ss@h" not in err.replace("***@h", "")
+    assert err.count("***") == 9  # 3 text, 6 JSON (message and fields)

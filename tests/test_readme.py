@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from prosaas_migrate.config import KNOWN_VARIABLES, default_lock_key
-from prosaas_migrate.errors import ExitCode
+from prosaas_migrate.config import KNOWN_VARIABLES, SETTINGS, default_lock_key
+from prosaas_migrate.errors import CheckCode, ExitCode
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
@@ -46,3 +46,18 @@ def test_every_json_event_is_documented() -> None:
     section = README.split("With `MIGRATION_LOG_FORMAT=json` every line", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"`(\w+)`", section))
     assert emitted <= documented, emitted - documented
+
+
+def test_the_configuration_table_is_the_settings_table() -> None:
+    rows = table_after("Configuration")
+    expected = [
+        [f"`{s.name}`", f"`{s.default}`" if s.default is not None else "unset", s.meaning]
+        for s in SETTINGS
+    ]
+    assert rows == expected
+
+
+def test_status_check_codes_are_documented() -> None:
+    section = README.split("With `--check`", 1)[1].split("`--json` prints", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    assert {int(row.split("|")[1]) for row in rows[1:]} == {int(code) for code in CheckCode}

@@ -66,7 +66,7 @@ UNSURE: dict[str, dict[str, str]] = {
 }
 
 
-def make(tmp_path: Path, files: dict[str, str], ini_extra: str = "") -> revisions.AlembicIni:
+def make(tmp_path: Path, files: dict[str, str], ini_extra: str = "") -> revisions.Project:
     project.create(tmp_path, [])
     versions = tmp_path / "migrations" / "versions"
     for name, body in files.items():
@@ -74,15 +74,18 @@ def make(tmp_path: Path, files: dict[str, str], ini_extra: str = "") -> revision
     ini = tmp_path / "alembic.ini"
     if ini_extra:
         ini.write_text(ini.read_text().replace("[alembic]\n", f"[alembic]\n{ini_extra}\n", 1))
-    return revisions.read_ini(str(ini), "ALEMBIC_CONFIG")
+    return revisions.read_project(str(ini), "ALEMBIC_CONFIG")
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_heads_match_alembic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shape: str) -> None:
     monkeypatch.chdir(tmp_path)
-    ini = make(tmp_path, SHAPES[shape])
-    alembic_heads = migrations.heads(migrations.script_directory(migrations.load_config(ini)))
-    assert revisions.heads(ini) == alembic_heads
+    found = make(tmp_path, SHAPES[shape])
+    script = migrations.script_directory(migrations.load_config(found, None, {}))
+    graph = revisions.read_graph(found)
+    assert graph is not None
+    assert graph.heads == migrations.heads(script)
+    assert graph.revisions == {s.revision for s in script.walk_revisions()}
 
 
 @pytest.mark.parametrize("shape", UNSURE)
@@ -90,7 +93,7 @@ def test_unusual_projects_are_left_to_alembic(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shape: str
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    assert revisions.heads(make(tmp_path, UNSURE[shape])) is None
+    assert revisions.read_graph(make(tmp_path, UNSURE[shape])) is None
 
 
 @pytest.mark.parametrize(
@@ -99,13 +102,15 @@ def test_unusual_projects_are_left_to_alembic(
         "version_locations = %(here)s/other",
         "recursive_version_locations = true",
         "sourceless = true",
+        "version_table = other_version",  # a key only env.py would read
+        "databases = engine1",
     ],
 )
 def test_options_that_move_revisions_are_left_to_alembic(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, option: str
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    assert revisions.heads(make(tmp_path, SHAPES["linear"], option)) is None
+    assert revisions.read_graph(make(tmp_path, SHAPES["linear"], option)) is None
 
 
 def test_the_ini_is_read_like_alembic_reads_it(tmp_path: Path) -> None:
@@ -114,17 +119,16 @@ def test_the_ini_is_read_like_alembic_reads_it(tmp_path: Path) -> None:
         "[alembic]\nscript_location = %(here)s/migrations\n"
         "sqlalchemy.url = postgresql://u:p%%40ss@h/db\n"
     )
-    ini = revisions.read_ini(str(ini_path), "--config")
-    assert ini.script_location == f"{tmp_path}/migrations"
-    assert ini.url == "postgresql://u:p%40ss@h/db"
-    assert ini.plain_layout
+    found = revisions.read_project(str(ini_path), "--config")
+    assert found.script_location == f"{tmp_path}/migrations"
+    assert found.url == "postgresql://u:p%40ss@h/db"
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
         (None, "existing alembic.ini"),
-        ("[other]\nx = 1\n", "readable Alembic ini"),
+        ("[other]\nx = 1\n", "script_location"),
         ("[alembic]\nsqlalchemy.url = postgresql://h/db\n", "script_location"),
         ("not an ini", "readable Alembic ini"),
     ],
@@ -136,5 +140,5 @@ def test_a_bad_ini_is_a_config_error_naming_its_origin(
     if text is not None:
         ini_path.write_text(text)
     with pytest.raises(ConfigError, match=expected) as caught:
-        revisions.read_ini(str(ini_path), "--config")
+        revisions.read_project(str(ini_path), "--config")
     assert caught.value.variable == "--config"
