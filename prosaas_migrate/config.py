@@ -347,7 +347,7 @@ def migration_conninfo(settings: Settings, ini_url: str | None) -> ConnInfo:
         return conninfo.parse(settings.database_url_source, settings.database_url)
     if ini_url is None or not ini_url.strip():
         raise ConfigError("DATABASE_URL", None, f"{conninfo.GRAMMAR} (or MIGRATION_DATABASE_URL)")
-    scheme = ini_url.strip().partition("://")[0].lower()
+    scheme = conninfo.split_scheme(ini_url.strip())[0].lower()
     if scheme not in conninfo.URL_SCHEMES:
         # Most often the driver://user:pass@localhost/dbname placeholder from `alembic init`.
         raise ConfigError(

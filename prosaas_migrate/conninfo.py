@@ -22,7 +22,6 @@ GRAMMAR = (
     "(host=... dbname=...)"
 )
 MASK = "***"
-_KEY_IN_KEYWORD_STRING = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*=")
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ class ConnInfo:
 def parse(variable: str, value: str) -> ConnInfo:
     """Read `value` as libpq would; ConfigError naming `variable` (password masked) if it can't."""
     text = value.strip()
-    scheme, sep, rest = text.partition("://")
+    scheme, sep, rest = split_scheme(text)
     if sep:
         if scheme.lower() not in URL_SCHEMES:
             raise ConfigError(variable, redact(text), GRAMMAR)
@@ -65,6 +64,21 @@ def parse(variable: str, value: str) -> ConnInfo:
     if problem:
         raise ConfigError(variable, redact(text), f"{GRAMMAR} ({problem})")
     return ConnInfo(text, params, _display(text, params))
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+
+
+def split_scheme(text: str) -> tuple[str, str, str]:
+    """(scheme, "://", rest) for a URL; ("", "", text) for anything else.
+
+    As libpq decides: only a string that starts with a scheme is a URL; a keyword string may
+    hold "://" inside a value (a password, say) and is still a keyword string.
+    """
+    scheme, sep, rest = text.partition("://")
+    if sep and _SCHEME.fullmatch(scheme):
+        return scheme, sep, rest
+    return "", "", text
 
 
 def _connect_time_problem(params: dict[str, str]) -> str | None:
@@ -102,24 +116,24 @@ def _display(text: str, params: dict[str, str]) -> str:
 
 def redact(text: str) -> str:
     """`text` with any password masked, whatever its shape; never raises. Safe to log."""
-    scheme, sep, rest = text.partition("://")
+    scheme, sep, rest = split_scheme(text)
     if not sep:
         if "=" not in text:
             # Neither a URL nor a keyword string: it could be anything, a password included.
             return f"({len(text)} characters, neither a URL nor key=value; not shown)"
-        return _redact_keyword_string(text, _KEY_IN_KEYWORD_STRING.findall(text))
+        return _redact_keyword_string(text)
     return f"{scheme}://{_redact_url_rest(rest)}"
 
 
-def _redact_keyword_string(text: str, keys: list[str]) -> str:
+def _redact_keyword_string(text: str) -> str:
     from psycopg import ProgrammingError
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
     try:
         params = conninfo_to_dict(text)
     except ProgrammingError:
-        # Unreadable: any value could be (part of) the password; show only the names.
-        return " ".join(f"{key}={MASK}" for key in keys) + " (values not shown)"
+        # Unreadable: where a value starts or ends is unknown, so any part could be the password.
+        return f"({len(text)} characters of a keyword string libpq cannot read; not shown)"
     return make_conninfo("", **{k: (MASK if k == "password" else v) for k, v in params.items()})
 
 

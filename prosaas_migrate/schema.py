@@ -50,7 +50,7 @@ def target(settings: Settings) -> Target:
     engines = {}
     for name, url in project.engines.items():
         variable = f"sqlalchemy.url in [{name}] of {project.path}"
-        if url is None or url.strip().partition("://")[0].lower() not in conninfo.URL_SCHEMES:
+        if url is None or conninfo.split_scheme(url.strip())[0].lower() not in conninfo.URL_SCHEMES:
             raise ConfigError(
                 variable,
                 None if url is None else conninfo.redact(url),
