@@ -176,10 +176,9 @@ def fresh_database(url: str) -> Iterator[str | None]:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     except psycopg.Error as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SetupFailed(
-            f"cannot create database {name} on {server}: {reason} "
-            "(the demo needs a role that may create databases)"
-        ) from None
+        if exc.sqlstate == "42501":  # insufficient_privilege
+            reason += " (the demo needs a role that may create databases)"
+        raise SetupFailed(f"cannot create database {name} on {server}: {reason}") from None
     try:
         yield None if INTERRUPTS.stop.is_set() else with_database(url, name)
     finally:

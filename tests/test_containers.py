@@ -161,6 +161,7 @@ def test_demo_refuses_to_touch_a_server_where_it_cannot_create_a_database(
         query(server.admin_url, f'DROP ROLE IF EXISTS "{role}"')
     assert result.returncode == 1, result.stdout + result.stderr
     assert "cannot create database prosaas_demo_" in result.stdout
+    assert "the demo needs a role that may create databases" in result.stdout
     assert "Traceback" not in result.stderr
     assert version(db_url) == []  # nothing ran against the database in the URL
 
