@@ -1,7 +1,7 @@
 # prosaas-migrate in front of the example application: one image for every service.
 #   docker build -t prosaas-migrate-example .
 # Offline (no registry, no PyPI): put wheels in ./wheels and pass --build-arg OFFLINE=1, and a
-# locally built base with --build-arg BASE_IMAGE=... (see tests/compose_smoke.sh).
+# locally built base with --build-arg BASE_IMAGE=... (see tests/compose_smoke.py).
 ARG BASE_IMAGE=python:3.12-slim
 
 FROM ${BASE_IMAGE} AS build
@@ -19,6 +19,7 @@ FROM ${BASE_IMAGE}
 RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin app
 COPY --from=build /opt/venv /opt/venv
 COPY entrypoint.sh /entrypoint.sh
+# The whole folder: .dockerignore keeps a developer's .env, bytecode and caches out of it.
 COPY --chown=root:root examples/prosaas-app/ /app/
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

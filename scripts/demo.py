@@ -1,25 +1,53 @@
 """The three-service start-up of docker-compose.yml, as local processes, without Docker.
 
-Starts a throwaway PostgreSQL (or uses --database-url), then runs each app service of
-docker-compose.yml through entrypoint.sh with that service's environment and command, all at
-once, their output interleaved and prefixed like `docker compose up`. Ctrl-C stops everything.
+Starts a throwaway PostgreSQL (or a fresh database on --database-url's server), then runs each
+app service of docker-compose.yml through entrypoint.sh with that service's environment and
+command, all at once, their output interleaved and prefixed like `docker compose up`. Each exit
+is reported as it happens and the other services keep running, as with `docker compose up`;
+Ctrl-C stops everything and removes what the demo created.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import signal
-import subprocess
-import sys
 import threading
-import time
-from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType
-from typing import Any
 
-import yaml
+
+class Interrupts:
+    """Ctrl-C and SIGTERM as requests to stop: counted, never raised as KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.count = 0
+
+    def __call__(self, _signum: int, _frame: FrameType | None) -> None:
+        self.count += 1
+        self.stop.set()
+
+
+# Installed before anything else is loaded, so a Ctrl-C at any moment (importing, initdb, the
+# server's start) asks the demo to stop and clean up instead of raising wherever it lands.
+INTERRUPTS = Interrupts()
+signal.signal(signal.SIGINT, INTERRUPTS)
+signal.signal(signal.SIGTERM, INTERRUPTS)
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import secrets  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from contextlib import ExitStack, contextmanager  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit  # noqa: E402
+
+import yaml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -28,6 +56,12 @@ from tests.pgcluster import Cluster, free_port  # noqa: E402
 
 APP_DIR = ROOT / "examples" / "prosaas-app"  # the image's WORKDIR /app
 URL_VARIABLES = ("DATABASE_URL", "MIGRATION_DATABASE_URL")
+STOP_TIMEOUT = 10.0  # like `docker compose stop`: SIGTERM, then SIGKILL after this
+INTERRUPTED = 130
+
+
+class SetupFailed(Exception):
+    """The database could not be prepared; the message says why."""
 
 
 @dataclass
@@ -35,6 +69,18 @@ class Service:
     name: str
     command: list[str]
     environment: dict[str, str]
+
+
+def emit(line: str) -> None:
+    """Print a line; a closed stdout (`./scripts/demo | head`) must not stop the clean-up."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def say(message: str) -> None:
+    emit(f"demo | {message}")
 
 
 def app_services(compose_file: Path, replicas: int, database_url: str) -> list[Service]:
@@ -57,16 +103,109 @@ def app_services(compose_file: Path, replicas: int, database_url: str) -> list[S
     return services
 
 
+# --- the database -----------------------------------------------------------------------------
+
+
+@contextmanager
+def throwaway_cluster() -> Iterator[str | None]:
+    """A PostgreSQL server in a folder of our own, removed at the end whatever happened.
+
+    Cluster() makes its folder before initdb runs; when Ctrl-C kills initdb, the constructor
+    raises and there is no object left to destroy. Making that folder inside one of ours
+    (tempfile.tempdir) means removing ours always takes it. Yields the URL, or None when
+    interrupted first.
+    """
+    own = Path(tempfile.mkdtemp(prefix="prosaas-demo-"))
+    cluster: Cluster | None = None
+    try:
+        own.chmod(0o755)  # the postgres user (when we are root) must reach the cluster's folder
+        try:
+            saved, tempfile.tempdir = tempfile.tempdir, str(own)
+            try:
+                cluster = Cluster()
+            finally:
+                tempfile.tempdir = saved
+            if not INTERRUPTS.stop.is_set():
+                cluster.start()
+        except RuntimeError as exc:  # initdb or pg_ctl failed: killed by Ctrl-C, or broken
+            if not INTERRUPTS.stop.is_set():
+                raise SetupFailed(str(exc)) from None
+        if cluster is None or INTERRUPTS.stop.is_set():
+            yield None
+        else:
+            say(f"throwaway PostgreSQL on 127.0.0.1:{cluster.port}")
+            yield cluster.url()
+    finally:
+        remove_cluster(cluster, own)
+
+
+def remove_cluster(cluster: Cluster | None, own: Path) -> None:
+    """Stop the server (a pg_ctl start cut short may still be bringing it up), then delete."""
+    deadline = time.monotonic() + 10
+    while True:
+        if cluster is not None:
+            cluster.stop("immediate")
+        shutil.rmtree(own, ignore_errors=True)
+        if not own.exists() or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)  # a starting server was still writing into the folder
+    if own.exists():
+        say(f"could not remove {own}: delete it by hand")
+
+
+def with_database(url: str, name: str) -> str:
+    """`url` pointing at database `name` instead (a `dbname=` parameter would override it)."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "dbname"]
+    return urlunsplit(parts._replace(path=f"/{name}", query=urlencode(query)))
+
+
+@contextmanager
+def fresh_database(url: str) -> Iterator[str | None]:
+    """A new database on the server of `url`, dropped at the end; the one in `url` is untouched."""
+    import psycopg
+    from psycopg import sql
+
+    admin = url.replace("postgresql+psycopg://", "postgresql://", 1)  # libpq's own schemes
+    name = f"prosaas_demo_{secrets.token_hex(4)}"
+    server = urlsplit(url).netloc.rpartition("@")[2]
+    say(f"creating database {name} on {server} for the demo; it is dropped at the end")
+    say("(the database named in --database-url is not changed)")
+    try:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    except psycopg.Error as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if exc.sqlstate == "42501":  # insufficient_privilege
+            reason += " (the demo needs a role that may create databases)"
+        raise SetupFailed(f"cannot create database {name} on {server}: {reason}") from None
+    try:
+        yield None if INTERRUPTS.stop.is_set() else with_database(url, name)
+    finally:
+        try:
+            with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
+                drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+                conn.execute(drop.format(sql.Identifier(name)))
+            say(f"dropped database {name}")
+        except psycopg.Error as exc:
+            say(f"could not drop database {name} on {server}: {exc}; drop it by hand")
+
+
+# --- the services ----------------------------------------------------------------------------
+
+
 class Demo:
     def __init__(self, services: list[Service]) -> None:
         self.services = services
         self.processes: list[tuple[Service, subprocess.Popen[str]]] = []
+        self.relays: dict[str, threading.Thread] = {}
+        self.codes: dict[str, int] = {}  # exits already reported
         self.width = max(len(s.name) for s in services)
         self.lock = threading.Lock()
 
     def say(self, name: str, line: str) -> None:
         with self.lock:
-            print(f"{name:<{self.width}} | {line}", flush=True)
+            emit(f"{name:<{self.width}} | {line}")
 
     def start(self) -> None:
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -83,38 +222,78 @@ class Demo:
                 start_new_session=True,  # Ctrl-C reaches us; we stop them in order
             )
             self.processes.append((service, proc))
-            threading.Thread(target=self._relay, args=(service, proc), daemon=True).start()
+            relay = threading.Thread(target=self._relay, args=(service, proc), daemon=True)
+            self.relays[service.name] = relay
+            relay.start()
 
     def _relay(self, service: Service, proc: subprocess.Popen[str]) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             self.say(service.name, line.rstrip("\n"))
 
-    def running(self) -> bool:
-        return any(proc.poll() is None for _, proc in self.processes)
-
-    def stop(self) -> int:
-        """SIGTERM everyone, as `docker compose down` does; 0 when all stopped cleanly."""
-        for _, proc in self.processes:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        failures = 0
+    def report_exits(self) -> list[str]:
+        """Print each exit once, as it happens, after the service's last lines."""
+        exited = []
         for service, proc in self.processes:
-            try:
-                code = proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = proc.wait()
-            self.say(service.name, f"exited with code {code}")
-            failures += code != 0
-        time.sleep(0.1)  # let the relays print their last lines
-        return 0 if failures == 0 else 1
+            code = proc.poll()
+            if code is not None and service.name not in self.codes:
+                self.relays[service.name].join(timeout=2)
+                self.say(service.name, f"exited with code {code}")
+                self.codes[service.name] = code
+                exited.append(service.name)
+        return exited
+
+    def supervise(self, *, abort_on_exit: bool, exit_after: float | None) -> None:
+        """Return on Ctrl-C, when every service has exited, or (abort_on_exit) on any exit."""
+        deadline = None if exit_after is None else time.monotonic() + exit_after
+        while True:
+            exited = self.report_exits()
+            if len(self.codes) == len(self.processes):
+                say("every service has exited")
+                return
+            if exited and abort_on_exit:
+                say(f"{exited[0]} exited: stopping the others (--abort-on-container-exit)")
+                return
+            if INTERRUPTS.stop.is_set() or (deadline is not None and time.monotonic() >= deadline):
+                return
+            INTERRUPTS.stop.wait(0.1)
+
+    def stop(self) -> None:
+        """SIGTERM every running service, as `docker compose stop` does; SIGKILL stragglers."""
+        running = [proc for _, proc in self.processes if proc.poll() is None]
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+        if running:
+            say("stopping all services (Ctrl-C again to kill them)")
+        seen = INTERRUPTS.count
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while any(proc.poll() is None for proc in running):
+            if INTERRUPTS.count > seen or time.monotonic() > deadline:
+                for proc in running:
+                    if proc.poll() is None:
+                        proc.kill()
+            self.report_exits()
+            time.sleep(0.05)
+        self.report_exits()
+
+    def exit_code(self) -> int:
+        """0 when every service exited with 0 (or stopped cleanly), else 1."""
+        return 0 if all(code == 0 for code in self.codes.values()) else 1
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replicas", type=int, default=1, help="api replicas racing to migrate")
-    parser.add_argument("--database-url", help="use this PostgreSQL instead of a throwaway one")
+    parser.add_argument(
+        "--database-url",
+        help="create a fresh database on this PostgreSQL server (dropped at the end) instead of "
+        "starting a throwaway server; the database in the URL is not changed",
+    )
+    parser.add_argument(
+        "--abort-on-container-exit",
+        action="store_true",
+        help="stop every service as soon as one exits, as `docker compose up` does with it",
+    )
     parser.add_argument(
         "--exit-after", type=float, metavar="SECONDS", help="stop by itself (for tests)"
     )
@@ -122,34 +301,30 @@ def main() -> int:
     args = parser.parse_args()
     if args.replicas < 1:
         parser.error("--replicas must be 1 or more")
+    if args.database_url is not None and not args.database_url.startswith(
+        ("postgres://", "postgresql://", "postgresql+psycopg://")
+    ):
+        parser.error("--database-url must be a postgresql:// URL")
 
-    cluster = None
-    url = args.database_url
-    if url is None:
-        cluster = Cluster()
-        cluster.start()
-        url = cluster.url()
-        print(f"demo | throwaway PostgreSQL on 127.0.0.1:{cluster.port}", flush=True)
-    stop = threading.Event()
-
-    def interrupt(_signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, interrupt)
-    signal.signal(signal.SIGTERM, interrupt)
-    demo = Demo(app_services(args.compose_file, args.replicas, url))
-    try:
+    with ExitStack() as cleanup:
+        try:
+            if args.database_url is None:
+                url = cleanup.enter_context(throwaway_cluster())
+            else:
+                url = cleanup.enter_context(fresh_database(args.database_url))
+        except SetupFailed as exc:
+            say(str(exc))
+            return 1
+        if url is None or INTERRUPTS.stop.is_set():
+            say("interrupted before the services started")
+            return INTERRUPTED
+        demo = Demo(app_services(args.compose_file, args.replicas, url))
+        cleanup.callback(demo.stop)  # also when something below fails
         demo.start()
-        deadline = None if args.exit_after is None else time.monotonic() + args.exit_after
-        while not stop.is_set() and demo.running():
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-            stop.wait(0.2)
-        print("demo | stopping all services", flush=True)
-        return demo.stop()
-    finally:
-        if cluster is not None:
-            cluster.destroy()
+        demo.supervise(abort_on_exit=args.abort_on_container_exit, exit_after=args.exit_after)
+        demo.stop()
+        return demo.exit_code()
+    raise AssertionError("unreachable")  # ExitStack does not swallow the return
 
 
 if __name__ == "__main__":

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +21,13 @@ import compose
 import pytest
 
 from prosaas_migrate.worker_trace import Trace, problems_found
-from tests.conftest import clean_env, version
+from tests import project
+from tests.conftest import Server, clean_env, query, version
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = Path(compose.__file__).parent / "docker-compose"  # the static binary, not the wrapper
 APP_SERVICES = ("prosaas-api", "worker", "prosaas-calls")
+DEMO = ROOT / "scripts" / "demo.py"
 
 
 @pytest.fixture(scope="module")
@@ -71,32 +78,56 @@ def test_hadolint_is_clean() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_demo_plays_the_compose_file_with_racing_api_replicas(db_url: str) -> None:
+@contextmanager
+def demo(*args: str, **popen: Any) -> Iterator[subprocess.Popen[str]]:
+    """The demo as a process; stopped (Ctrl-C, then SIGKILL) if a test leaves it running."""
+    options: dict[str, Any] = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT} | popen
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--replicas", "3",
-         "--database-url", db_url],
-        env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, str(DEMO), *args], env=options.pop("env", clean_env()), text=True,
+        **options,
     )  # fmt: skip
-    assert proc.stdout is not None
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+
+
+def test_demo_plays_the_compose_file_with_racing_api_replicas(server: Server, db_url: str) -> None:
     lines: list[str] = []
     started = Counter[str]()
-    deadline = time.monotonic() + 90
-    while sum(started.values()) < 5 and time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line.rstrip("\n"))
-        match = re.match(r"(\S+)-\d+ +\| \[\S+\] (listening on|started)", line)
-        if match:
-            started[match.group(1)] += 1
-    assert started == {"prosaas-api": 3, "worker": 1, "prosaas-calls": 1}, "\n".join(lines)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C
-    rest, _ = proc.communicate(timeout=30)
+    with demo("--replicas", "3", "--database-url", db_url) as proc:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 90
+        while sum(started.values()) < 5 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line.rstrip("\n"))
+            match = re.match(r"(\S+)-\d+ +\| \[\S+\] (listening on|started)", line)
+            if match:
+                started[match.group(1)] += 1
+        assert started == {"prosaas-api": 3, "worker": 1, "prosaas-calls": 1}, "\n".join(lines)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        rest, _ = proc.communicate(timeout=30)
     lines += rest.splitlines()
     output = "\n".join(lines)
     assert proc.returncode == 0, output
 
-    assert version(db_url) == ["0003"]
+    # A fresh database on that server, said before it is created and dropped at the end; the
+    # database named in the URL is left as it was.
+    created = re.search(r"^demo \| creating database (prosaas_demo_[0-9a-f]{8}) on ", output, re.M)
+    assert created, output
+    assert f"demo | dropped database {created.group(1)}" in output
+    assert version(db_url) == []
+    assert not query(server.admin_url, "SELECT 1 FROM pg_database WHERE datname = %s",
+                     [created.group(1)])  # fmt: skip
+    assert "Migrations complete: 3 revision(s) applied, now at 0003" in output
     for revision in ("0001", "0002", "0003"):
         assert output.count(f"Applying revision {revision}") == 1, output
     api = [line for line in lines if line.startswith("prosaas-api-")]
@@ -114,9 +145,140 @@ def test_demo_plays_the_compose_file_with_racing_api_replicas(db_url: str) -> No
     assert not problems_found(trace.report())
 
 
+def test_demo_refuses_to_touch_a_server_where_it_cannot_create_a_database(
+    server: Server, db_url: str
+) -> None:
+    role = f"no_createdb_{os.getpid()}"
+    query(server.admin_url, f'DROP ROLE IF EXISTS "{role}"')
+    query(server.admin_url, f'CREATE ROLE "{role}" LOGIN NOCREATEDB')
+    try:
+        url = db_url.replace("postgres@", f"{role}@", 1)
+        result = subprocess.run(
+            [sys.executable, str(DEMO), "--database-url", url, "--exit-after", "5"],
+            env=clean_env(), capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        query(server.admin_url, f'DROP ROLE IF EXISTS "{role}"')
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "cannot create database prosaas_demo_" in result.stdout
+    assert "the demo needs a role that may create databases" in result.stdout
+    assert "Traceback" not in result.stderr
+    assert version(db_url) == []  # nothing ran against the database in the URL
+
+
+def failing_compose_file(tmp_path: Path) -> Path:
+    """The api migrates a project whose revision fails; the worker is the example's."""
+    ini = project.create(tmp_path / "broken", [project.Revision("r001", sql=["SELECT 1/0"])])
+    spec = {
+        "services": {
+            "prosaas-api": {
+                "environment": {"DATABASE_URL": "x", "RUN_MIGRATIONS": "1",
+                                "ALEMBIC_CONFIG": str(ini)},
+                "command": ["python", "-m", "example_services", "api"],
+            },
+            "worker": {
+                "environment": {"DATABASE_URL": "x", "RUN_MIGRATIONS": "0"},
+                "command": ["python", "-m", "example_services", "worker"],
+            },
+        }
+    }  # fmt: skip
+    path = tmp_path / "compose.yml"
+    path.write_text(json.dumps(spec))  # JSON is YAML
+    return path
+
+
+def test_demo_reports_an_exit_as_it_happens_and_keeps_the_others(
+    server: Server, tmp_path: Path
+) -> None:
+    compose_file = str(failing_compose_file(tmp_path))
+    lines: list[str] = []
+    worker_started = api_exited = False
+    with demo("--compose-file", compose_file, "--database-url", server.admin_url) as proc:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        while not (worker_started and api_exited) and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line.rstrip("\n"))
+            worker_started = worker_started or "[worker] started" in line
+            exit_line = re.match(r"prosaas-api-1 +\| exited with code 1$", line)
+            api_exited = api_exited or exit_line is not None
+        output = "\n".join(lines)
+        # Reported while the demo still runs, before any Ctrl-C; the worker keeps running.
+        assert api_exited and worker_started, output
+        assert "MIGRATION FAILED" in output
+        assert proc.poll() is None, output  # the demo runs on
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 1, output + rest  # a service failed
+    assert "[worker] stopped cleanly" in rest  # still running until the Ctrl-C
+    assert re.search(r"^worker-1 +\| exited with code 0$", rest, re.M), rest
+    assert rest.count("exited with code") == 1  # the api's exit is not reported twice
+
+
+def test_demo_abort_on_container_exit_stops_the_others(server: Server, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(DEMO), "--compose-file", str(failing_compose_file(tmp_path)),
+         "--database-url", server.admin_url, "--abort-on-container-exit"],
+        env=clean_env(), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    output = result.stdout
+    assert result.returncode == 1, output + result.stderr
+    assert "prosaas-api-1 | exited with code 1" in output
+    assert "stopping the others (--abort-on-container-exit)" in output
+    assert "[worker] stopped cleanly" in output
+    assert re.search(r"^worker-1 +\| exited with code 0$", output, re.M), output
+
+
+@pytest.fixture
+def private_tmpdir() -> Iterator[Path]:
+    """A short TMPDIR of our own (a socket path must stay under 108 bytes) the postgres user
+    can enter, so anything the demo leaves in it is the demo's."""
+    path = Path(tempfile.mkdtemp(prefix="pd-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if entry.name.isdigit() and text in cmdline:
+            found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
+@pytest.mark.parametrize(
+    ("delay", "target"),
+    [(0.1, "group"), (0.5, "group"), (1.0, "group"), (1.5, "group"), (0.5, "demo"), (1.0, "demo")],
+)
+def test_demo_ctrl_c_at_any_moment_cleans_up(
+    private_tmpdir: Path, delay: float, target: str
+) -> None:
+    """Ctrl-C (SIGINT to the terminal's process group, initdb and pg_ctl included) or a lone
+    SIGINT to the demo, at moments that fall in initdb, the server's start or the services'."""
+    env = clean_env({"TMPDIR": str(private_tmpdir)})
+    with demo(env=env, stderr=subprocess.PIPE, start_new_session=True) as proc:
+        time.sleep(delay)
+        if target == "group":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert proc.returncode in (0, 1, 130), stdout + stderr  # 1: the api was cut short (143)
+    assert list(private_tmpdir.iterdir()) == [], stdout
+    assert processes_mentioning(str(private_tmpdir)) == []
+
+
 def test_demo_starts_its_own_database_and_stops_by_itself() -> None:
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--exit-after", "10"],
+        [sys.executable, str(DEMO), "--exit-after", "10"],
         env=clean_env(), capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr

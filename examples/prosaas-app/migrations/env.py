@@ -1,13 +1,34 @@
 """Alembic's cookbook env.py: run on the connection prosaas-migrate holds the lock on."""
 
+import os
 from logging.config import fileConfig
 
 from alembic import context
-from sqlalchemy import engine_from_config, pool
+from sqlalchemy import create_engine, pool
 
 config = context.config
 if config.config_file_name is not None:
     fileConfig(config.config_file_name)
+
+# SQLAlchemy's name for psycopg 3; it reads a bare postgresql:// as psycopg2, and postgres:// not
+# at all.
+DRIVER_PREFIXES = ("postgres://", "postgresql://")
+
+
+def shell_url() -> str:
+    """The URL for plain `alembic upgrade head`, in prosaas-migrate's order of precedence."""
+    for variable in ("MIGRATION_DATABASE_URL", "DATABASE_URL"):
+        url = os.environ.get(variable)
+        if url:
+            break
+    else:
+        url = config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise SystemExit("Set DATABASE_URL (postgresql://user:password@host:5432/dbname)")
+    for prefix in DRIVER_PREFIXES:
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url.removeprefix(prefix)
+    return url
 
 
 def run_migrations_online() -> None:
@@ -18,11 +39,7 @@ def run_migrations_online() -> None:
             context.run_migrations()
         return
     # Plain `alembic upgrade head`, for a developer at a shell.
-    engine = engine_from_config(
-        config.get_section(config.config_ini_section, {}),
-        prefix="sqlalchemy.",
-        poolclass=pool.NullPool,
-    )
+    engine = create_engine(shell_url(), poolclass=pool.NullPool)
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=None)
         with context.begin_transaction():
