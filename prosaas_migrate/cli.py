@@ -142,7 +142,6 @@ def status(config_path: str | None, as_json: bool, check: bool) -> NoReturn:
         os.environ,
         dotenv_names=dotenv_names,
         config_option=config_path,
-        hostname=_hostname(),
         dotenv_error=dotenv_error,
     )
     if as_json:

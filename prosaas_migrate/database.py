@@ -18,6 +18,7 @@ from prosaas_migrate.errors import (
     DatabaseError,
     DatabaseUnreachable,
     SessionSettingRejected,
+    TransactionPooling,
     VersionTableBusy,
 )
 
@@ -59,12 +60,16 @@ def application_name(hostname: str) -> str:
 def connect(
     info: ConnInfo,
     *,
-    app_name: str,
     deadline: float,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> psycopg.Connection[Any]:
-    """An autocommit connection, retrying a refused or failed attempt until `deadline`."""
+    """An autocommit connection, retrying a refused or failed attempt until `deadline`.
+
+    It carries no application_name yet: a transaction-pooling PgBouncer would keep a startup
+    parameter on the server session and hand it to the next client that sets none. The runner
+    sets it with the session settings, once the connection is known to be a session.
+    """
     started = clock()
     attempt = 0
     while True:
@@ -73,7 +78,6 @@ def connect(
             return psycopg.connect(
                 info.text,
                 autocommit=True,
-                application_name=app_name,
                 connect_timeout=_ATTEMPT_TIMEOUT_SECONDS,
                 **_KEEPALIVES,
             )
@@ -150,6 +154,16 @@ def bounded(conn: psycopg.Connection[Any], timeout_ms: int) -> Iterator[psycopg.
             yield conn
     except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
         raise VersionTableBusy(int(limit), one_line(exc)) from None
+    except psycopg.OperationalError as exc:
+        if _STATEMENT_POOLING in str(exc):
+            raise TransactionPooling(
+                "", f"it refused a transaction block: {one_line(exc)}"
+            ) from None
+        raise
+
+
+# PgBouncer's answer to BEGIN in statement pooling mode (it then closes the connection).
+_STATEMENT_POOLING = "not allowed in statement pooling mode"
 
 
 def current_revisions(
@@ -197,10 +211,10 @@ def transaction_pooling(
             answer = _probe_round(conn, other, mine_frees_first=mine_frees_first, timeout=timeout)
             if answer is not None:
                 return answer
-    except psycopg.OperationalError:
-        raise
     except psycopg.Error as exc:
         # PgBouncer in statement mode refuses transaction blocks outright.
+        if isinstance(exc, psycopg.OperationalError) and _STATEMENT_POOLING not in str(exc):
+            raise
         return f"it refused a transaction block: {one_line(exc, info)}"
     finally:
         for connection in (conn, other):

@@ -9,10 +9,12 @@ on every SQLAlchemy pool and engine apply our session settings to each connectio
 from __future__ import annotations
 
 import os
+import re
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -291,6 +293,12 @@ def _where(exc: BaseException, script_dir: str) -> str:
     """The file (and line) of the project that the error comes from."""
     if isinstance(exc, SyntaxError) and exc.filename:
         return f"{os.path.relpath(exc.filename)}:{exc.lineno}"
+    # Alembic names a file without `revision` in its message only ("... from filename x.py").
+    named = re.search(r"from filename (\S+\.py)\b", str(exc))
+    if named:
+        found = sorted(Path(script_dir).rglob(named.group(1)))
+        if found:
+            return os.path.relpath(found[0])
     root = os.path.abspath(script_dir)
     frames = [
         frame

@@ -50,7 +50,7 @@ def run(
         logs.disabled(settings.decided_by, settings.decided_value)
         if settings.wait_for_head_seconds:
             with interruptible():
-                wait_for_head(settings, hostname=hostname, clock=clock)
+                wait_for_head(settings, clock=clock)
     else:
         logs.checkpoint(settings.decided_by, settings.decided_value)
         with interruptible():
@@ -79,7 +79,7 @@ def migrate(settings: Settings, *, hostname: str, clock: Callable[[], float]) ->
         return max(int((deadline - clock()) * 1000), 0)
 
     def connect() -> psycopg.Connection[Any]:
-        return database.connect(info, app_name=app_name, deadline=deadline, clock=clock)
+        return database.connect(info, deadline=deadline, clock=clock)
 
     conn = connect()
     try:
@@ -102,6 +102,13 @@ def migrate(settings: Settings, *, hostname: str, clock: Callable[[], float]) ->
             logs.version_table_busy(clock() - started, busy.cause)
             logs.lock_timeout(clock() - started)
             return
+        except TransactionPooling as refused:
+            if refused.variable:
+                raise
+            logs.pooler_refused(refused.reason)
+            raise TransactionPooling(
+                settings.database_url_source or "DATABASE_URL", refused.reason
+            ) from None
         key = settings.lock_key
         if key is None:
             key = default_lock_key(database.table_name(position.table or database.DEFAULT_TABLE))
@@ -231,7 +238,6 @@ def _accounted(
 def wait_for_head(
     settings: Settings,
     *,
-    hostname: str,
     clock: Callable[[], float],
     sleep: Callable[[float], None] = time.sleep,
 ) -> None:
@@ -248,7 +254,6 @@ def wait_for_head(
     info = goal.info
     assert info is not None  # target() always resolves one
     reader = Reader(goal)
-    app_name = database.application_name(hostname)
     conn: psycopg.Connection[Any] | None = None
     current: tuple[str, ...] = ()
     heads: tuple[str, ...] = goal.graph.heads if goal.graph else ()
@@ -258,7 +263,7 @@ def wait_for_head(
         while True:
             try:
                 if conn is None:
-                    conn = database.connect(info, app_name=app_name, deadline=deadline, clock=clock)
+                    conn = database.connect(info, deadline=deadline, clock=clock)
                 remaining = max(int((deadline - clock()) * 1000), 0)
                 position = reader.position(conn, min(remaining, 5000))
                 current, heads, problem = position.current, position.heads, None

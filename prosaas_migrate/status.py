@@ -27,7 +27,6 @@ def gather(
     *,
     dotenv_names: set[str],
     config_option: str | None,
-    hostname: str,
     dotenv_error: str | None = None,
 ) -> dict[str, Any]:
     """Build the whole report; each section carries its own error instead of failing."""
@@ -42,7 +41,7 @@ def gather(
         "configuration": _configuration(environ, bad, dotenv_names, settings, dotenv_error),
     }
     report["alembic"], reader = _alembic(settings, bad)
-    report["database"], conn = _database(settings, bad, reader, hostname)
+    report["database"], conn = _database(settings, bad, reader)
     try:
         report["revisions"], table = _revisions(conn, reader)
         report["lock"] = _lock(conn, settings, bad, table)
@@ -163,7 +162,6 @@ def _database(
     settings: config.Settings,
     bad: Mapping[str, ConfigError],
     reader: Reader | None,
-    hostname: str,
 ) -> tuple[dict[str, Any], Any]:
     section: dict[str, Any] = {
         "reachable": False,
@@ -186,9 +184,7 @@ def _database(
     from prosaas_migrate import database
 
     try:
-        conn = database.connect(
-            info, app_name=database.application_name(hostname), deadline=time.monotonic()
-        )
+        conn = database.connect(info, deadline=time.monotonic())
     except MigrateError as exc:
         section["error"] = getattr(exc, "reason", str(exc))
         return section, None

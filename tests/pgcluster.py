@@ -92,7 +92,9 @@ PGBOUNCER = Path(os.environ.get("PROSAAS_PGBOUNCER", "/usr/sbin/pgbouncer"))
 class PgBouncer:
     """A PgBouncer in front of `cluster` on 127.0.0.1, in the given pool mode."""
 
-    def __init__(self, cluster: Cluster, pool_mode: str) -> None:
+    def __init__(
+        self, cluster: Cluster, pool_mode: str, *, round_robin: bool = False, pool_size: int = 20
+    ) -> None:
         self.base = Path(tempfile.mkdtemp(prefix=f"prosaas-pgbouncer-{pool_mode}-"))
         self.port = free_port()
         (self.base / "userlist.txt").write_text('"postgres" ""\n')
@@ -102,7 +104,8 @@ class PgBouncer:
             "[pgbouncer]\n"
             f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
             f"auth_type = trust\nauth_file = {self.base}/userlist.txt\n"
-            f"pool_mode = {pool_mode}\ndefault_pool_size = 20\nmax_client_conn = 200\n"
+            f"pool_mode = {pool_mode}\ndefault_pool_size = {pool_size}\nmax_client_conn = 200\n"
+            f"server_round_robin = {int(round_robin)}\n"
             f"logfile = {self.base}/pgbouncer.log\npidfile = {self.base}/pgbouncer.pid\n"
             "ignore_startup_parameters = extra_float_digits\n"
         )

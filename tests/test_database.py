@@ -50,7 +50,7 @@ def test_unreachable_server_fails_within_the_budget_without_the_password(
     url = f"postgresql://app:s3cr3t-pw@127.0.0.1:{free_port()}/app"
     started = time.monotonic()
     with pytest.raises(DatabaseUnreachable) as caught:
-        database.connect(conninfo.parse("DATABASE_URL", url), app_name="t", deadline=started + 1.5)
+        database.connect(conninfo.parse("DATABASE_URL", url), deadline=started + 1.5)
     elapsed = time.monotonic() - started
     assert 1.5 <= elapsed < 4
     assert caught.value.attempts >= 3
@@ -60,7 +60,7 @@ def test_unreachable_server_fails_within_the_budget_without_the_password(
 
 def test_application_name_and_statement_timeout_survive_a_rollback(db_url: str) -> None:
     info = conninfo.parse("DATABASE_URL", db_url)
-    conn = database.connect(info, app_name="prosaas-migrate:box", deadline=time.monotonic())
+    conn = database.connect(info, deadline=time.monotonic())
     with conn:
         database.set_session(
             conn, {"statement_timeout": "120000", "application_name": "prosaas-migrate:box"}
