@@ -53,6 +53,7 @@ def gather(
     finally:
         if conn is not None:
             conn.close()
+    report["lint"] = _lint(script, report["revisions"])
     return report
 
 
@@ -210,6 +211,20 @@ def _lock(conn: Any, settings: config.Settings, bad: Mapping[str, ConfigError]) 
     return section
 
 
+def _lint(script: Any, revisions: Mapping[str, Any]) -> dict[str, Any] | None:
+    """`lint` on the pending revisions (rendered offline, no env.py); None when none are known."""
+    if script is None or not revisions["pending"]:
+        return None
+    from prosaas_migrate import lint
+
+    pending = [item["revision"] for item in revisions["pending"]]
+    try:
+        found = lint.findings_for(script, pending, current=revisions["current"]).as_dict()
+    except Exception as exc:  # the report never fails over one of its sections
+        return {"findings": None, "error": _one_line(exc)}
+    return {**found, "error": None}
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -297,6 +312,23 @@ def render_text(report: Mapping[str, Any], *, style: Callable[..., str]) -> str:
         row("state of holder", f"{h['state'] or 'unknown'}{state_age}")
     else:
         row("state", ok("free"))
+
+    checked = report.get("lint")
+    heading("Lint")
+    if checked is None:
+        row("pending revisions", "none" if revisions["pending"] == [] else "unknown")
+    elif checked["error"]:
+        row("error", bad(checked["error"]))
+    else:
+        found = checked["findings"]
+        row("pending revisions", str(checked["revisions_checked"]))
+        row("findings", ok("none") if not found else warn(str(len(found))))
+        for item in found:
+            out.append(
+                f"    {item['revision']:<27} {item['rule']}: {item['statement']}".rstrip(": ")
+            )
+        if checked["allowed"]:
+            row("allowed by a comment", str(checked["allowed"]))
     return "\n".join(out)
 
 

@@ -982,3 +982,38 @@ def test_the_disabled_run_path_imports_none_of_the_linter(tmp_path: Path) -> Non
     assert any("prosaas_migrate.runner" in line for line in imported)  # the profile is real
     for heavy in ("pglast", "prosaas_migrate.lint", "prosaas_migrate.offline"):
         assert not [line for line in imported if f" {heavy}" in line], heavy
+
+
+# -- status shows the findings of the pending revisions ---------------------------------------
+
+
+def test_status_shows_the_findings_of_the_pending_revisions(tmp_path: Path, db_url: str) -> None:
+    root = new_project(tmp_path, env="cookbook")
+    write_revision(root, "r002", "r001", 'op.drop_column("t", "a")')
+    env = {"DATABASE_URL": db_url}
+    assert cli(["run"], {**env, "RUN_MIGRATIONS": "1"}, root).returncode == 0
+    result = cli(["status", "--json"], env, root)
+    assert json.loads(result.stdout)["lint"] is None  # at head: nothing to check
+    assert "Lint\n  pending revisions             none" in cli(["status"], env, root).stdout
+
+    write_revision(root, "r003", "r002", 'op.create_index("ix_t_b", "t", ["b"])')
+    write_revision(root, "r004", "r003", 'op.alter_column("t", "b", nullable=True)')
+    tables = query(db_url, "SELECT count(*) FROM pg_class WHERE relkind = 'r'")
+    result = cli(["status", "--json"], env, root)
+    assert result.returncode == 0, result.stderr
+    checked = json.loads(result.stdout)["lint"]
+    assert checked["revisions_checked"] == 2
+    assert [(f["revision"], f["rule"]) for f in checked["findings"]] == [
+        ("r003", "index-not-concurrent")
+    ]
+    assert checked["renderer"] == "prosaas-migrate"  # status never runs the project's env.py
+    text = cli(["status"], env, root).stdout
+    assert text.split("\n\n")[-1].rstrip("\n") == (
+        "Lint\n"
+        "  pending revisions             2\n"
+        "  findings                      1\n"
+        "    r003                        index-not-concurrent: CREATE INDEX ix_t_b ON t (b)"
+    )
+    # Still read-only: nothing created, the version where it was.
+    assert query(db_url, "SELECT count(*) FROM pg_class WHERE relkind = 'r'") == tables
+    assert query(db_url, "SELECT version_num FROM alembic_version") == [("r002",)]
