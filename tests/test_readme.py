@@ -46,3 +46,12 @@ def test_every_json_event_is_documented() -> None:
     section = README.split("With `MIGRATION_LOG_FORMAT=json` every line", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"`(\w+)`", section))
     assert emitted <= documented, emitted - documented
+
+
+def test_the_lint_rule_table_matches_the_rules() -> None:
+    from prosaas_migrate.lint import RULES
+
+    rows = table_after("Linting revisions")
+    documented = {row[0].strip("`"): row[1].split(" (")[0] for row in rows}
+    assert documented == {name: rule.lock or "none" for name, rule in RULES.items()}
+    assert [row[0].strip("`") for row in rows] == list(RULES)  # the same order, too
