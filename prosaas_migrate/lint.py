@@ -694,6 +694,8 @@ def summary(report: Report, *, style: Callable[..., str]) -> str:
         line = style(f"no findings in {checked} checked", fg="green")
     if report.allowed:
         line += f"; {report.allowed} allowed by a comment in the revision"
-    if report.renderer_note:
-        line += f"\n(rendered by {report.renderer}: {report.renderer_note})"
+    if report.renderer == offline.OWN_RENDERER and report.renderer_note:
+        line += f"\n(rendered with prosaas-migrate's offline context: {report.renderer_note})"
+    elif report.renderer_note:
+        line += f"\n(note: {report.renderer_note})"
     return line

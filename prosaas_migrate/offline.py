@@ -187,12 +187,25 @@ def _session(
             error = exc
     if error is not None and not feeder.started and not own:
         result.renderer = OWN_RENDERER
-        result.fallback_reason = f"env.py does not render offline: {one_line(error)}"
+        result.fallback_reason = (
+            "env.py has no offline branch: it tried to connect"
+            if isinstance(error, ConnectAttempt)
+            else f"env.py fails offline: {one_line(error)}"
+        )
         return None
     if feeder.foreign_dialect and not own:
         result.renderer = OWN_RENDERER
         result.fallback_reason = f"env.py renders for {feeder.foreign_dialect}, not postgresql"
         return None
+    if feeder.started and not feeder.transactional_ddl:
+        result.warning = (
+            "env.py sets transactional_ddl=False, so the SQL has no BEGIN/COMMIT and "
+            "concurrently-in-transaction cannot see transactions"
+        )
+    if error is not None and not feeder.started and feeder.todo:
+        # Our own context failed before any revision: never pass silently, blame the first.
+        feeder.current = feeder.todo[0]
+        feeder.starts.append(0)
     failure = None
     if error is not None and feeder.current is not None:
         failure = one_line(error)
@@ -222,6 +235,7 @@ class _Feeder:
         self.buffer = io.StringIO()
         self.started = False
         self.foreign_dialect: str | None = None
+        self.transactional_ddl = True
         self.current: Script | None = None
         self.done: list[Script] = []
         self.starts: list[int] = []  # offset where each revision's output begins
@@ -232,6 +246,7 @@ class _Feeder:
         if context.dialect.name != "postgresql":
             self.foreign_dialect = context.dialect.name
             return
+        self.transactional_ddl = bool(context.impl.transactional_ddl)
         for revision in self.todo:
             self.current = revision
             self.starts.append(self.buffer.tell())

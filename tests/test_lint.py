@@ -353,7 +353,9 @@ def test_a_long_statement_is_truncated(tmp_path: Path) -> None:
 
 # -- transactions: autocommit_block, per-migration transactions --------------------------------
 
+PER_MIGRATION_ANCHOR = "literal_binds=True,"  # in the stock env.py's offline configure()
 PER_MIGRATION = "transaction_per_migration=True,\n        literal_binds=True,"
+NO_TRANSACTIONS = "transactional_ddl=False,\n        literal_binds=True,"
 
 
 @pytest.mark.parametrize("per_migration", [False, True], ids=["one-transaction", "per-migration"])
@@ -390,16 +392,16 @@ def test_autocommit_block_is_recognised_from_alembics_commit_and_begin(
     ]
 
 
-def test_a_revision_is_checked_after_the_transaction_state_of_the_one_before(
-    tmp_path: Path,
-) -> None:
-    """A revision that ends in a raw COMMIT leaves the next one outside a transaction."""
-    root = new_project(tmp_path, env="cookbook")
-    write_revision(root, "r002", "r001", 'op.execute("COMMIT")')
-    write_revision(root, "r003", "r002", 'op.execute("CREATE INDEX CONCURRENTLY ix ON t (b)")')
-    write_revision(root, "r004", "r003", 'op.execute("BEGIN")')
-    write_revision(root, "r005", "r004", 'op.execute("CREATE INDEX CONCURRENTLY iy ON t (a)")')
-    assert rules(lint_at(root)) == [("r005", "concurrently-in-transaction")]
+def test_without_transactional_ddl_the_report_says_what_it_cannot_see(tmp_path: Path) -> None:
+    root = new_project(tmp_path)
+    env = root / "migrations" / "env.py"
+    env.write_text(env.read_text().replace(PER_MIGRATION_ANCHOR, NO_TRANSACTIONS, 1))
+    write_revision(root, "r002", "r001", 'op.create_index("ix", "t", ["b"])')
+    report = lint_at(root)
+    assert rules(report) == [("r002", "index-not-concurrent")]
+    assert report.renderer == "env.py"
+    assert "transactional_ddl=False" in str(report.renderer_note)
+    assert "transactional_ddl=False" in lint.render_text(report, style=lambda text, **_: text)
 
 
 # -- what is exempt, what is allowed ----------------------------------------------------------
@@ -550,11 +552,39 @@ def test_both_env_py_styles_render_offline_with_the_same_findings(tmp_path: Path
     assert reports["stock"].renderer == "env.py"
     assert reports["stock"].renderer_note is None
     assert reports["cookbook"].renderer == "prosaas-migrate"
-    assert "env.py does not render offline" in str(reports["cookbook"].renderer_note)
-    assert "tried to connect" in str(reports["cookbook"].renderer_note)
+    assert reports["cookbook"].renderer_note == "env.py has no offline branch: it tried to connect"
     assert (
         rules(reports["stock"]) == rules(reports["cookbook"]) == [("r002", "index-not-concurrent")]
     )
+
+
+@pytest.mark.parametrize(
+    ("replace", "by", "note"),
+    [
+        (
+            'url = config.get_main_option("sqlalchemy.url")',
+            'url = os.environ["APP_DATABASE_URL"]',
+            "env.py fails offline: KeyError: 'APP_DATABASE_URL'",
+        ),
+        (
+            'url = config.get_main_option("sqlalchemy.url")',
+            'url = "sqlite://"',
+            "env.py renders for sqlite, not postgresql",
+        ),
+    ],
+    ids=["env.py-raises", "another-dialect"],
+)
+def test_an_env_py_that_cannot_render_for_postgresql_falls_back_and_says_why(
+    tmp_path: Path, replace: str, by: str, note: str
+) -> None:
+    root = new_project(tmp_path)
+    env = root / "migrations" / "env.py"
+    assert replace in env.read_text()
+    env.write_text("import os\n" + env.read_text().replace(replace, by))
+    write_revision(root, "r002", "r001", 'op.create_index("ix", "t", ["b"])')
+    report = lint_at(root)
+    assert (report.renderer, report.renderer_note) == ("prosaas-migrate", note)
+    assert rules(report) == [("r002", "index-not-concurrent")]
 
 
 QUERYING = """\
@@ -1017,3 +1047,15 @@ def test_status_shows_the_findings_of_the_pending_revisions(tmp_path: Path, db_u
     # Still read-only: nothing created, the version where it was.
     assert query(db_url, "SELECT count(*) FROM pg_class WHERE relkind = 'r'") == tables
     assert query(db_url, "SELECT version_num FROM alembic_version") == [("r002",)]
+
+
+def test_a_rendering_that_fails_before_any_revision_never_passes_silently(tmp_path: Path) -> None:
+    root = new_project(tmp_path)
+    write_revision(root, "r002", "r001", 'op.create_index("ix", "t", ["b"])')
+    _, script = offline.load_script_directory(str(root / "alembic.ini"), "ALEMBIC_CONFIG")
+    report = lint.findings_for(script, ["r001", "r002"], current=["unknown"])
+    assert rules(report) == [("r001", "offline-render-failed"), ("r002", "offline-render-failed")]
+    assert "unknown" in report.findings[0].message
+    assert rules(lint.findings_for(script, ["r002"], current=["r001"])) == [
+        ("r002", "index-not-concurrent")
+    ]
