@@ -186,7 +186,10 @@ def lint(config_path: str | None, since: str | None, as_json: bool) -> NoReturn:
     Renders each revision's SQL with Alembic's offline mode (no database, no DATABASE_URL: a CI
     gate) and checks it with PostgreSQL's own parser. Exits 0 when nothing is found, 1 when
     something is, 2 on a usage or configuration error. A revision silences a rule with a
-    comment in its file: `# prosaas-migrate: allow RULE`.
+    comment in its own file:
+
+    \b
+        # prosaas-migrate: allow RULE
 
     \b
     Example:
