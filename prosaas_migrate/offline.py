@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -303,10 +304,25 @@ def _no_connections() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _captured_output() -> Iterator[None]:
-    """env.py's prints and its logging (fileConfig binds sys.stderr now) stay out of the report."""
+    """env.py's prints and its logging (fileConfig binds sys.stderr now) stay out of the report.
+
+    fileConfig() also disables every logger that existed before it and replaces their handlers:
+    the process's logging is put back as it was afterwards (lint may run inside another program).
+    """
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    saved = [
+        (logger, logger.disabled, logger.level, list(logger.handlers), logger.propagate)
+        for logger in loggers
+        if isinstance(logger, logging.Logger)
+    ]
     sink = io.StringIO()
-    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-        yield
+    try:
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            yield
+    finally:
+        for logger, disabled, level, handlers, propagate in saved:
+            logger.disabled, logger.level, logger.propagate = disabled, level, propagate
+            logger.handlers[:] = handlers
 
 
 def display_path(path: str) -> str:

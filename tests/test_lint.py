@@ -1059,3 +1059,17 @@ def test_a_rendering_that_fails_before_any_revision_never_passes_silently(tmp_pa
     assert rules(lint.findings_for(script, ["r002"], current=["r001"])) == [
         ("r002", "index-not-concurrent")
     ]
+
+
+def test_env_py_logging_config_does_not_outlive_the_rendering(tmp_path: Path) -> None:
+    """The stock env.py's fileConfig() disables every existing logger; lint puts them back."""
+    import logging
+
+    app_logger = logging.getLogger("an.application.logger")
+    root_handlers = list(logging.getLogger().handlers)
+    root = new_project(tmp_path)
+    write_revision(root, "r002", "r001", 'op.create_index("ix", "t", ["b"])')
+    report = lint_at(root)
+    assert report.renderer == "env.py"  # its fileConfig() really ran
+    assert app_logger.disabled is False
+    assert logging.getLogger().handlers == root_handlers
