@@ -221,7 +221,7 @@ def _lint(script: Any, revisions: Mapping[str, Any]) -> dict[str, Any] | None:
     try:
         found = lint.findings_for(script, pending, current=revisions["current"]).as_dict()
     except Exception as exc:  # the report never fails over one of its sections
-        return {"findings": None, "error": _one_line(exc)}
+        return {**dict.fromkeys(lint.Report().as_dict()), "error": _one_line(exc)}
     return {**found, "error": None}
 
 
