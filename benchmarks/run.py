@@ -241,6 +241,9 @@ def main() -> None:
             bench_handoff(cluster, work, rounds)
             bench_dead_runner(cluster, work, rounds)
             bench_worker_trace(work, rounds)
+            from benchmarks.lint import bench_lint  # it imports this module's helpers
+
+            bench_lint(work, rounds)
     finally:
         cluster.destroy()
 

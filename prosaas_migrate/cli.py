@@ -187,6 +187,48 @@ def worker_trace(source: TextIO, as_json: bool, loop_threshold: int) -> NoReturn
     sys.exit(1 if trace.problems_found(report) else 0)
 
 
+@main.command()
+@config_option
+@click.option("--since", metavar="REV", help="Only the revisions after REV (what a branch adds).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def lint(config_path: str | None, since: str | None, as_json: bool) -> NoReturn:
+    """Find unsafe DDL in revisions: long locks on busy tables, changes that break running code.
+
+    Renders each revision's SQL with Alembic's offline mode (no database, no DATABASE_URL: a CI
+    gate) and checks it with PostgreSQL's own parser. Exits 0 when nothing is found, 1 when
+    something is, 2 on a usage or configuration error. A revision silences a rule with a
+    comment in its own file:
+
+    \b
+        # prosaas-migrate: allow RULE
+
+    \b
+    Example:
+        prosaas-migrate lint --since origin-main-head
+        prosaas-migrate lint --json > lint.json
+    """
+    from prosaas_migrate import lint as checks
+    from prosaas_migrate import revisions
+
+    # Only the ini's location matters here: read ALEMBIC_CONFIG alone, so that a variable
+    # meant for `run` (even an invalid one) cannot fail a CI job that merely lints.
+    ini_only = {k: v for k, v in os.environ.items() if k == "ALEMBIC_CONFIG"}
+    settings = config.load(ini_only, config_option=config_path)
+    try:
+        project = revisions.read_project(settings.alembic_config, settings.alembic_config_source)
+        variable = "--config" if config_path is not None else "ALEMBIC_CONFIG"
+        report = checks.lint_project(project, variable, since=since)
+    except MigrateError as exc:
+        logs.error(str(exc))
+        sys.exit(exc.exit_code)
+    if as_json:
+        click.echo(checks.render_json(report))
+    else:
+        color = False if os.environ.get("NO_COLOR") else None
+        click.echo(checks.render_text(report, style=click.style), color=color)
+    sys.exit(checks.exit_code(report))
+
+
 def _report(exc: MigrateError) -> None:
     if isinstance(exc, MigrationFailed):
         logs.migration_failed(exc.revision, exc.cause, exc.rolled_back, exc.committed)

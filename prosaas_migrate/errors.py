@@ -194,6 +194,17 @@ class ExecFailed(MigrateError):
         super().__init__(f"cannot exec {command}: {strerror} ({errno_name})")
 
 
+class RevisionsUnreadable(MigrateError):
+    """A revision file does not load, so the history cannot be known (lint exits 2)."""
+
+    exit_code = ExitCode.USAGE
+
+    def __init__(self, where: str, reason: str) -> None:
+        self.where = where
+        self.reason = reason
+        super().__init__(f"cannot load the revisions: {where}: {reason}")
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGTERM or SIGINT arrived before exec.
 

@@ -48,6 +48,7 @@ def gather(
     finally:
         if conn is not None:
             conn.close()
+    report["lint"] = _lint(reader.alembic[1] if reader is not None else None, report["revisions"])
     return report
 
 
@@ -265,6 +266,20 @@ def _lock(
     return section
 
 
+def _lint(script: Any, revisions: Mapping[str, Any]) -> dict[str, Any] | None:
+    """`lint` on the pending revisions (rendered offline, no env.py); None when none are known."""
+    if script is None or not revisions["pending"]:
+        return None
+    from prosaas_migrate import lint
+
+    pending = [item["revision"] for item in revisions["pending"]]
+    try:
+        found = lint.findings_for(script, pending, current=revisions["current"]).as_dict()
+    except Exception as exc:  # the report never fails over one of its sections
+        return {**dict.fromkeys(lint.Report().as_dict()), "error": _one_line(exc)}
+    return {**found, "error": None}
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -369,6 +384,22 @@ def render_text(report: Mapping[str, Any], *, style: Callable[..., str]) -> str:
         row("state of holder", f"{h['state'] or 'unknown'}{state_age}")
     else:
         row("state", ok("free"))
+
+    checked = report.get("lint")
+    heading("Lint")
+    if checked is None:
+        row("pending revisions", "none" if revisions["pending"] == [] else "unknown")
+    elif checked["error"]:
+        row("error", bad(checked["error"]))
+    else:
+        found = checked["findings"]
+        row("pending revisions", str(checked["revisions_checked"]))
+        row("findings", ok("none") if not found else warn(str(len(found))))
+        for item in found:
+            line = f"    {item['revision']:<{label_width - 2}} {item['rule']}: {item['statement']}"
+            out.append(line.rstrip(": "))
+        if checked["allowed"]:
+            row("allowed by a comment", str(checked["allowed"]))
     return "\n".join(out)
 
 

@@ -61,3 +61,12 @@ def test_status_check_codes_are_documented() -> None:
     section = README.split("With `--check`", 1)[1].split("`--json` prints", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("| ")]
     assert {int(row.split("|")[1]) for row in rows[1:]} == {int(code) for code in CheckCode}
+
+
+def test_the_lint_rule_table_matches_the_rules() -> None:
+    from prosaas_migrate.lint import RULES
+
+    rows = table_after("Linting revisions")
+    documented = {row[0].strip("`"): row[1].split(" (")[0] for row in rows}
+    assert documented == {name: rule.lock or "none" for name, rule in RULES.items()}
+    assert [row[0].strip("`") for row in rows] == list(RULES)  # the same order, too

@@ -142,7 +142,7 @@ def test_the_holder_is_named(app: Path, db_url: str) -> None:
 
 
 JSON_FIELDS = {
-    "": {"version", "configuration", "alembic", "database", "revisions", "lock"},
+    "": {"version", "configuration", "alembic", "database", "revisions", "lock", "lint"},
     "configuration": {"settings", "run", "dotenv_error", "errors"},
     "configuration.run": {"migrate", "decided_by", "value", "error"},
     "configuration.settings[]": {"name", "value", "source", "error", "note"},
@@ -155,6 +155,7 @@ JSON_FIELDS = {
         "pid", "application_name", "client_addr", "connected_since", "connected_seconds",
         "state", "state_seconds",
     },
+    "lint": {"revisions_checked", "allowed", "renderer", "renderer_note", "findings", "error"},
 }  # fmt: skip
 
 

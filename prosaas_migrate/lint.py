@@ -1,0 +1,703 @@
+"""Unsafe DDL in Alembic revisions: rules over pglast parse trees of their offline SQL.
+
+A revision is dangerous during a rolling deploy when it holds a strong lock for long on a table
+that already has rows, or breaks the image that is still running. Each rule below names the lock
+PostgreSQL takes (tests check it against a real server), why it hurts and the safe way to write
+it. Statements on a table created earlier in the same revision are exempt from the table rules:
+nobody reads it yet. A revision file silences a rule with `# prosaas-migrate: allow <rule>`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pglast
+from pglast import ast
+from pglast.enums import AlterTableType, ConstrType, ObjectType, TransactionStmtKind
+from pglast.parser import ParseError, parse_sql_json, split
+
+from prosaas_migrate import offline
+
+if TYPE_CHECKING:
+    from alembic.script import Script, ScriptDirectory
+
+    from prosaas_migrate.revisions import Project
+
+STATEMENT_WIDTH = 120
+_AUTOCOMMIT = "`with op.get_context().autocommit_block():`"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A stable name, the lock the statement takes (None: not a lock problem), why, and the fix."""
+
+    name: str
+    lock: str | None
+    why: str  # str.format fields: table, column, detail
+    hint: str
+
+
+RULES: dict[str, Rule] = {
+    rule.name: rule
+    for rule in (
+        Rule(
+            "index-not-concurrent",
+            "SHARE",
+            "builds the index while holding SHARE on {table}: every INSERT, UPDATE and DELETE "
+            "waits for the whole build",
+            "CREATE INDEX CONCURRENTLY (op.create_index(..., postgresql_concurrently=True)) "
+            f"inside {_AUTOCOMMIT}",
+        ),
+        Rule(
+            "concurrently-in-transaction",
+            None,
+            "{detail} cannot run inside a transaction block: the migration fails",
+            f"run it inside {_AUTOCOMMIT}, which commits before it and begins again after",
+        ),
+        Rule(
+            "required-column-without-default",
+            "ACCESS EXCLUSIVE",
+            "adds NOT NULL column {column} to {table} without a default: it fails on a table "
+            "with rows, and the image still running inserts rows without it",
+            "add it nullable (or with a constant DEFAULT), backfill, then enforce NOT NULL "
+            "the set-not-null way",
+        ),
+        Rule(
+            "volatile-default",
+            "ACCESS EXCLUSIVE",
+            "{detail}: PostgreSQL rewrites all of {table} while holding ACCESS EXCLUSIVE, so "
+            "reads and writes wait",
+            "add the column with no default (or a constant, or now()), then SET DEFAULT for new "
+            "rows and backfill the old ones in batches",
+        ),
+        Rule(
+            "column-type-change",
+            "ACCESS EXCLUSIVE",
+            "changes the type of {table}.{column}: unless the new type is binary-compatible "
+            "(varchar(n) to text or a longer varchar), PostgreSQL rewrites the table and its "
+            "indexes while holding ACCESS EXCLUSIVE",
+            "add a column of the new type, backfill it in batches, switch the code, and drop "
+            "the old column in a later release",
+        ),
+        Rule(
+            "set-not-null",
+            "ACCESS EXCLUSIVE",
+            "SET NOT NULL on {table}.{column} scans the whole table while holding ACCESS EXCLUSIVE",
+            "ADD CONSTRAINT ... CHECK ({column} IS NOT NULL) NOT VALID, VALIDATE CONSTRAINT in a "
+            "later transaction, then SET NOT NULL (PostgreSQL 12+ skips the scan) and drop the "
+            "check",
+        ),
+        Rule(
+            "foreign-key-without-not-valid",
+            "SHARE ROW EXCLUSIVE",
+            "checks every row of {table} against {detail} while holding SHARE ROW EXCLUSIVE on "
+            "both: writes to both wait",
+            "add it NOT VALID (op.create_foreign_key(..., postgresql_not_valid=True)), then "
+            "VALIDATE CONSTRAINT in a later transaction (SHARE UPDATE EXCLUSIVE: writes go on)",
+        ),
+        Rule(
+            "check-without-not-valid",
+            "ACCESS EXCLUSIVE",
+            "checks every row of {table} while holding ACCESS EXCLUSIVE",
+            "add it NOT VALID (op.create_check_constraint(..., postgresql_not_valid=True)), then "
+            "VALIDATE CONSTRAINT in a later transaction (SHARE UPDATE EXCLUSIVE: writes go on)",
+        ),
+        Rule(
+            "unique-without-index",
+            "ACCESS EXCLUSIVE",
+            "builds the {detail} index while holding ACCESS EXCLUSIVE on {table}: reads and "
+            "writes wait for the whole build",
+            "CREATE UNIQUE INDEX CONCURRENTLY first (inside an autocommit_block), then "
+            "ADD CONSTRAINT ... {detail} USING INDEX",
+        ),
+        Rule(
+            "rename-column",
+            "ACCESS EXCLUSIVE",
+            "renames {table}.{column}: the image still running uses the old name and fails",
+            "add the new column, write both, backfill, move the reads, and drop the old column "
+            "in a later release",
+        ),
+        Rule(
+            "rename-table",
+            "ACCESS EXCLUSIVE",
+            "renames {table}: the image still running uses the old name and fails",
+            "rename it in a later release, once no running code uses the old name (a view with "
+            "the old name can bridge the gap)",
+        ),
+        Rule(
+            "drop-column",
+            "ACCESS EXCLUSIVE",
+            "drops {table}.{column}: the image still running selects it (SQLAlchemy names every "
+            "mapped column) and fails",
+            "release code that no longer uses the column first, and drop it in a later release",
+        ),
+        Rule(
+            "drop-table",
+            "ACCESS EXCLUSIVE",
+            "drops {table}: the image still running may use it and fails",
+            "release code that no longer uses the table first, and drop it in a later release",
+        ),
+        Rule(
+            "vacuum-full",
+            "ACCESS EXCLUSIVE",
+            "VACUUM FULL rewrites {table} while holding ACCESS EXCLUSIVE (and cannot run in a "
+            "transaction block)",
+            "leave it to autovacuum or a plain VACUUM; reclaim space with pg_repack outside "
+            "migrations",
+        ),
+        Rule(
+            "cluster",
+            "ACCESS EXCLUSIVE",
+            "CLUSTER rewrites {table} while holding ACCESS EXCLUSIVE",
+            "leave it out of migrations; pg_repack --order-by does it without the long lock",
+        ),
+        Rule(
+            "lock-table",
+            "ACCESS EXCLUSIVE",
+            "LOCK TABLE holds {detail} on {table} until the transaction ends: the application's "
+            "writes (and with ACCESS EXCLUSIVE, its reads) queue behind it",
+            "drop the explicit lock: each statement takes the lock it needs, for as short as it "
+            "can",
+        ),
+        Rule(
+            "offline-render-failed",
+            None,
+            "cannot be rendered offline (alembic upgrade --sql), so it cannot be checked: {detail}",
+            "make upgrade() work without a database: no queries through op.get_bind(); branch on "
+            "context.is_offline_mode() where it must read data",
+        ),
+        Rule(
+            "syntax-error",
+            None,
+            "PostgreSQL's parser rejects this SQL: {detail}",
+            "fix the SQL; the server would reject it the same way",
+        ),
+    )
+}
+# Findings that are about the revision itself, not about a table: never exempt.
+_NOT_TABLE_RULES = frozenset(
+    {"concurrently-in-transaction", "offline-render-failed", "syntax-error"}
+)
+
+# Functions known not to be volatile (checked against pg_proc in the tests): as a column default
+# they are evaluated once, and since PostgreSQL 11 ADD COLUMN does not rewrite the table. Any
+# other function is treated as volatile: the rule errs on the side of telling.
+NON_VOLATILE_FUNCTIONS = frozenset(
+    {
+        "now",
+        "transaction_timestamp",
+        "statement_timestamp",
+        "timezone",
+        "date_trunc",
+        "make_date",
+        "make_interval",
+        "make_timestamp",
+        "make_timestamptz",
+        "to_timestamp",
+        "to_date",
+        "to_char",
+        "lower",
+        "upper",
+        "btrim",
+        "concat",
+        "concat_ws",
+        "md5",
+        "jsonb_build_object",
+        "jsonb_build_array",
+        "json_build_object",
+        "json_build_array",
+        "to_jsonb",
+        "to_json",
+        "current_setting",
+        "current_schema",
+        "current_database",
+    }
+)
+_SERIAL_TYPES = frozenset({"smallserial", "serial", "bigserial", "serial2", "serial4", "serial8"})
+_LOCK_MODES = {
+    1: "ACCESS SHARE",
+    2: "ROW SHARE",
+    3: "ROW EXCLUSIVE",
+    4: "SHARE UPDATE EXCLUSIVE",
+    5: "SHARE",
+    6: "SHARE ROW EXCLUSIVE",
+    7: "EXCLUSIVE",
+    8: "ACCESS EXCLUSIVE",
+}
+_CHECKED_STATEMENTS = frozenset(
+    {
+        "TransactionStmt",
+        "CreateStmt",
+        "CreateTableAsStmt",
+        "IndexStmt",
+        "AlterTableStmt",
+        "RenameStmt",
+        "DropStmt",
+        "ReindexStmt",
+        "VacuumStmt",
+        "ClusterStmt",
+        "LockStmt",
+    }
+)
+_SHARE = 5  # the weakest mode that blocks INSERT, UPDATE and DELETE
+_ALLOW = re.compile(r"#\s*prosaas-migrate:\s*allow\b([^#\n]*)")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One unsafe statement (or one revision that could not be checked)."""
+
+    rule: str
+    revision: str
+    file: str
+    statement: str
+    lock: str | None
+    message: str
+    hint: str
+    table: str | None = None
+
+
+@dataclass
+class Report:
+    """What `lint` found: findings in upgrade order, and what was checked and allowed."""
+
+    findings: list[Finding] = field(default_factory=list)
+    revisions_checked: int = 0
+    allowed: int = 0
+    renderer: str = offline.ENV_PY_RENDERER
+    renderer_note: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "revisions_checked": self.revisions_checked,
+            "allowed": self.allowed,
+            "renderer": self.renderer,
+            "renderer_note": self.renderer_note,
+            "findings": [asdict(finding) for finding in self.findings],
+        }
+
+
+def lint_project(project: Project, variable: str, *, since: str | None = None) -> Report:
+    """Render the project's revisions offline (all, or those after `since`) and check them."""
+    cfg, script = offline.load_script_directory(project, variable)
+    revisions, heads = offline.select(script, since)
+    rendering = offline.render(cfg, script, revisions, starting_heads=heads)
+    return check(rendering, revisions_checked=len(revisions))
+
+
+def findings_for(
+    script: ScriptDirectory, revisions: Sequence[str], *, current: Sequence[str] = ()
+) -> Report:
+    """Check `revisions` (ids in upgrade order from the `current` heads) with our own context.
+
+    For status: the project's env.py is not run, so no project code beyond the revision files.
+    """
+    selected = [script.get_revision(revision) for revision in revisions]
+    scripts = [s for s in selected if s is not None]
+    rendering = offline.render(None, script, scripts, starting_heads=current)
+    return check(rendering, revisions_checked=len(scripts))
+
+
+def check(rendering: offline.Rendering, revisions_checked: int) -> Report:
+    """Apply every rule to the rendered chunks, in output order; drop what a revision allows."""
+    report = Report(
+        revisions_checked=revisions_checked,
+        renderer=rendering.renderer,
+        renderer_note=rendering.fallback_reason or rendering.warning,
+    )
+    checker = _Checker()
+    for chunk in rendering.chunks:
+        found = checker.chunk(chunk)
+        allowed = allowed_rules(chunk.revision.path) if found and chunk.revision else frozenset()
+        report.findings.extend(finding for finding in found if finding.rule not in allowed)
+        report.allowed += sum(finding.rule in allowed for finding in found)
+    return report
+
+
+def allowed_rules(path: str) -> frozenset[str]:
+    """The rules a revision file allows with `# prosaas-migrate: allow rule[, rule...]`."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as source:
+            text = source.read()
+    except OSError:
+        return frozenset()
+    return frozenset(
+        name for match in _ALLOW.finditer(text) for name in re.split(r"[\s,]+", match.group(1))
+    ) - {""}
+
+
+def exit_code(report: Report) -> int:
+    """1 when anything was found (allowed findings do not count), else 0."""
+    return 1 if report.findings else 0
+
+
+# -- the rules over parse trees ----------------------------------------------------------------
+
+
+@dataclass
+class _Statement:
+    node: Any
+    text: str
+
+
+class _Checker:
+    """Walks the chunks in output order, tracking the transaction state across revisions."""
+
+    def __init__(self) -> None:
+        self.in_transaction = False
+        self.created: set[tuple[str | None, str]] = set()
+        self.revision: Script | None = None
+        self.file = ""
+        self.found: list[Finding] = []
+        self._handlers: dict[type, Callable[[_Statement], None]] = {
+            ast.TransactionStmt: self._transaction,
+            ast.CreateStmt: self._create_table,
+            ast.CreateTableAsStmt: self._create_table_as,
+            ast.IndexStmt: self._index,
+            ast.AlterTableStmt: self._alter_table,
+            ast.RenameStmt: self._rename,
+            ast.DropStmt: self._drop,
+            ast.ReindexStmt: self._reindex,
+            ast.VacuumStmt: self._vacuum,
+            ast.ClusterStmt: self._cluster,
+            ast.LockStmt: self._lock,
+        }
+
+    def chunk(self, chunk: offline.Chunk) -> list[Finding]:
+        if chunk.session_start:
+            self.in_transaction = False
+        self.revision = chunk.revision
+        self.file = offline.display_path(chunk.revision.path) if chunk.revision else ""
+        self.created = set()
+        self.found = []
+        if chunk.error is not None:
+            self._report("offline-render-failed", "", detail=chunk.error)
+        for statement in self._statements(chunk.sql):
+            if self.revision is None and not isinstance(statement.node, ast.TransactionStmt):
+                continue  # Alembic's own statements around the revisions
+            handler = self._handlers.get(type(statement.node))
+            if handler is not None:
+                handler(statement)
+        return self.found
+
+    def _statements(self, sql: str) -> Iterator[_Statement]:
+        try:
+            texts = list(_checked_statements(sql))
+        except ParseError as exc:
+            message, location = exc.args[0], exc.args[1] if len(exc.args) > 1 else 0
+            if self.revision is not None:
+                self._report("syntax-error", _around(sql, location), detail=message)
+            # Check what does parse: each statement the scanner can split out, on its own.
+            texts = [sql[piece] for piece in split(sql, with_parser=False, only_slices=True)]
+        for text in texts:
+            try:
+                parsed = pglast.parse_sql(text)
+            except ParseError:
+                continue  # reported above
+            for raw in parsed:
+                yield _Statement(raw.stmt, text)
+
+    def _report(
+        self,
+        rule_name: str,
+        text: str,
+        *,
+        table: str | None = None,
+        column: str | None = None,
+        detail: str | None = None,
+        lock: str | None = None,
+    ) -> None:
+        assert self.revision is not None
+        rule = RULES[rule_name]
+        self.found.append(
+            Finding(
+                rule=rule_name,
+                revision=self.revision.revision,
+                file=self.file,
+                statement=_shorten(text),
+                lock=lock or rule.lock,
+                message=rule.why.format(table=table, column=column, detail=detail),
+                hint=rule.hint.format(table=table, column=column, detail=detail),
+                table=table,
+            )
+        )
+
+    def _is_new(self, relation: Any) -> bool:
+        if relation is None:
+            return False
+        return any(
+            name == relation.relname and (schema is None or relation.schemaname in (None, schema))
+            for schema, name in self.created
+        )
+
+    def _on_table(self, rule: str, statement: _Statement, relation: Any, **kw: str | None) -> None:
+        """A finding about an existing table; none when the revision created it itself."""
+        if not self._is_new(relation):
+            self._report(rule, statement.text, table=_name(relation), **kw)
+
+    # -- one handler per statement type --------------------------------------------------------
+
+    def _transaction(self, statement: _Statement) -> None:
+        kind = statement.node.kind
+        if kind in (TransactionStmtKind.TRANS_STMT_BEGIN, TransactionStmtKind.TRANS_STMT_START):
+            self.in_transaction = True
+        elif kind in (
+            TransactionStmtKind.TRANS_STMT_COMMIT,
+            TransactionStmtKind.TRANS_STMT_ROLLBACK,
+            TransactionStmtKind.TRANS_STMT_PREPARE,
+        ):
+            self.in_transaction = False
+
+    def _create_table(self, statement: _Statement) -> None:
+        self._remember(statement.node.relation)
+
+    def _create_table_as(self, statement: _Statement) -> None:
+        self._remember(statement.node.into.rel)
+
+    def _remember(self, relation: Any) -> None:
+        self.created.add((relation.schemaname, relation.relname))
+
+    def _index(self, statement: _Statement) -> None:
+        node = statement.node
+        if node.concurrent:
+            self._concurrently(statement, "CREATE INDEX CONCURRENTLY")
+        else:
+            self._on_table("index-not-concurrent", statement, node.relation)
+
+    def _concurrently(self, statement: _Statement, what: str) -> None:
+        if self.in_transaction:
+            self._report("concurrently-in-transaction", statement.text, detail=what)
+
+    def _reindex(self, statement: _Statement) -> None:
+        if any(option.defname == "concurrently" for option in statement.node.params or ()):
+            self._concurrently(statement, "REINDEX CONCURRENTLY")
+
+    def _alter_table(self, statement: _Statement) -> None:
+        node = statement.node
+        if node.objtype != ObjectType.OBJECT_TABLE:
+            return
+        for command in node.cmds or ():
+            check = self._commands.get(command.subtype)
+            if check is not None:
+                check(self, statement, node.relation, command)
+
+    def _add_column(self, statement: _Statement, relation: Any, command: Any) -> None:
+        column = command.def_
+        constraints = {c.contype: c for c in column.constraints or ()}
+        on_table = partial(self._on_table, statement=statement, relation=relation)
+        type_name = column.typeName.names[-1].sval if column.typeName else ""
+        default = constraints.get(ConstrType.CONSTR_DEFAULT)
+        fills = default is not None or type_name in _SERIAL_TYPES
+        if (
+            not fills
+            and {ConstrType.CONSTR_IDENTITY, ConstrType.CONSTR_GENERATED} & constraints.keys()
+        ):
+            fills = True
+        if not fills and (
+            ConstrType.CONSTR_NOTNULL in constraints or ConstrType.CONSTR_PRIMARY in constraints
+        ):
+            on_table(rule="required-column-without-default", column=column.colname)
+        rewrite = _rewriting_fill(type_name, constraints)
+        if rewrite:
+            on_table(rule="volatile-default", column=column.colname, detail=rewrite)
+        for constraint in constraints.values():
+            self._constraint(statement, relation, constraint)
+
+    def _add_constraint(self, statement: _Statement, relation: Any, command: Any) -> None:
+        self._constraint(statement, relation, command.def_)
+
+    def _constraint(self, statement: _Statement, relation: Any, constraint: Any) -> None:
+        kind = constraint.contype
+        on_table = partial(self._on_table, statement=statement, relation=relation)
+        if kind == ConstrType.CONSTR_FOREIGN and not constraint.skip_validation:
+            on_table(rule="foreign-key-without-not-valid", detail=_name(constraint.pktable))
+        elif kind == ConstrType.CONSTR_CHECK and not constraint.skip_validation:
+            on_table(rule="check-without-not-valid")
+        elif kind in (ConstrType.CONSTR_UNIQUE, ConstrType.CONSTR_PRIMARY) and not (
+            constraint.indexname
+        ):
+            detail = "UNIQUE" if kind == ConstrType.CONSTR_UNIQUE else "PRIMARY KEY"
+            on_table(rule="unique-without-index", detail=detail)
+
+    def _alter_type(self, statement: _Statement, relation: Any, command: Any) -> None:
+        self._on_table("column-type-change", statement, relation, column=command.name)
+
+    def _set_not_null(self, statement: _Statement, relation: Any, command: Any) -> None:
+        self._on_table("set-not-null", statement, relation, column=command.name)
+
+    def _drop_column(self, statement: _Statement, relation: Any, command: Any) -> None:
+        self._on_table("drop-column", statement, relation, column=command.name)
+
+    _commands: ClassVar[dict[AlterTableType, Callable[[_Checker, _Statement, Any, Any], None]]] = {
+        AlterTableType.AT_AddColumn: _add_column,
+        AlterTableType.AT_AddConstraint: _add_constraint,
+        AlterTableType.AT_AlterColumnType: _alter_type,
+        AlterTableType.AT_SetNotNull: _set_not_null,
+        AlterTableType.AT_DropColumn: _drop_column,
+    }
+
+    def _rename(self, statement: _Statement) -> None:
+        node = statement.node
+        if node.renameType == ObjectType.OBJECT_TABLE:
+            if self._is_new(node.relation):
+                self._remember(
+                    ast.RangeVar(schemaname=node.relation.schemaname, relname=node.newname)
+                )
+            else:
+                self._report("rename-table", statement.text, table=_name(node.relation))
+        elif (
+            node.renameType == ObjectType.OBJECT_COLUMN
+            and node.relationType == ObjectType.OBJECT_TABLE
+        ):
+            self._on_table("rename-column", statement, node.relation, column=node.subname)
+
+    def _drop(self, statement: _Statement) -> None:
+        node = statement.node
+        if node.concurrent:
+            self._concurrently(statement, "DROP INDEX CONCURRENTLY")
+        if node.removeType != ObjectType.OBJECT_TABLE:
+            return
+        for names in node.objects or ():
+            parts = [part.sval for part in names]
+            relation = ast.RangeVar(
+                schemaname=parts[-2] if len(parts) > 1 else None, relname=parts[-1]
+            )
+            self._on_table("drop-table", statement, relation)
+
+    def _vacuum(self, statement: _Statement) -> None:
+        node = statement.node
+        if not node.is_vacuumcmd or not any(o.defname == "full" for o in node.options or ()):
+            return
+        relations = [rel.relation for rel in node.rels or ()] or [None]
+        for relation in relations:
+            self._on_table("vacuum-full", statement, relation)
+
+    def _cluster(self, statement: _Statement) -> None:
+        self._on_table("cluster", statement, statement.node.relation)
+
+    def _lock(self, statement: _Statement) -> None:
+        if statement.node.mode < _SHARE:
+            return  # up to SHARE UPDATE EXCLUSIVE, the application's reads and writes go on
+        mode = _LOCK_MODES[statement.node.mode]
+        for relation in statement.node.relations or ():
+            if not self._is_new(relation):
+                self._report(
+                    "lock-table", statement.text, table=_name(relation), detail=mode, lock=mode
+                )
+
+
+def _checked_statements(sql: str) -> Iterator[str]:
+    """The text of each statement of a type some rule looks at, in order.
+
+    The parser's JSON output finds them: building pglast's Python tree for every statement
+    (each INSERT, UPDATE, version-table write) would cost about as much as rendering them.
+    """
+    encoded = sql.encode()  # the parser's offsets count bytes
+    for raw in json.loads(parse_sql_json(sql)).get("stmts", ()):
+        if next(iter(raw["stmt"])) in _CHECKED_STATEMENTS:
+            start = raw.get("stmt_location", 0)
+            stop = start + raw["stmt_len"] if raw.get("stmt_len") else len(encoded)
+            yield encoded[start:stop].decode()
+
+
+def _rewriting_fill(type_name: str, constraints: dict[Any, Any]) -> str | None:
+    """Why ADD COLUMN must write a value into every existing row, or None when it need not."""
+    if type_name in _SERIAL_TYPES:
+        return f"a {type_name} column fills every row from a sequence (nextval() is volatile)"
+    if ConstrType.CONSTR_IDENTITY in constraints:
+        return "an identity column fills every row from a sequence"
+    generated = constraints.get(ConstrType.CONSTR_GENERATED)
+    if generated is not None and generated.generated_kind != "v":  # VIRTUAL (PostgreSQL 18)
+        return "a stored generated column computes a value for every row"
+    default = constraints.get(ConstrType.CONSTR_DEFAULT)
+    if default is None:
+        return None
+    volatile = sorted(_functions(default.raw_expr) - NON_VOLATILE_FUNCTIONS)
+    if not volatile:
+        return None
+    return f"the default calls {', '.join(f'{name}()' for name in volatile)}, volatile"
+
+
+def _functions(node: Any) -> set[str]:
+    """The names of the functions an expression calls (its SQL value functions are stable)."""
+    found: set[str] = set()
+    if isinstance(node, tuple | list):
+        for item in node:
+            found |= _functions(item)
+    elif isinstance(node, ast.Node):
+        if isinstance(node, ast.FuncCall) and node.funcname:
+            found.add(str(node.funcname[-1].sval).lower())
+        for attribute in node:
+            found |= _functions(getattr(node, attribute))
+    return found
+
+
+def _name(relation: Any) -> str:
+    if relation is None:
+        return "every table"
+    return f"{relation.schemaname}.{relation.relname}" if relation.schemaname else relation.relname
+
+
+def _shorten(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= STATEMENT_WIDTH else flat[: STATEMENT_WIDTH - 3] + "..."
+
+
+def _around(sql: str, location: int) -> str:
+    """The statement around a parse error's position: from the previous ; to the next one."""
+    start = sql.rfind(";", 0, location) + 1
+    stop = sql.find(";", location)
+    return sql[start : stop if stop != -1 else len(sql)]
+
+
+# -- rendering --------------------------------------------------------------------------------
+
+
+def render_json(report: Report) -> str:
+    return json.dumps(report.as_dict(), indent=2)
+
+
+def render_text(report: Report, *, style: Callable[..., str]) -> str:
+    """Findings grouped by revision; `style` is click.style (or a no-op): colour is the caller's."""
+    out: list[str] = []
+    current: tuple[str, str] | None = None
+    for finding in report.findings:
+        if (finding.revision, finding.file) != current:
+            current = (finding.revision, finding.file)
+            if out:
+                out.append("")
+            out.append(style(f"{finding.revision}  {finding.file}", bold=True))
+        out.append(f"  {style(finding.rule, fg='red')}: {finding.statement}".rstrip(": "))
+        if finding.lock:
+            where = f" on {finding.table}" if finding.table else ""
+            out.append(f"    lock: {finding.lock}{where}")
+        out.append(f"    why:  {finding.message}")
+        out.append(f"    fix:  {finding.hint}")
+    if out:
+        out.append("")
+    out.append(summary(report, style=style))
+    return "\n".join(out)
+
+
+def summary(report: Report, *, style: Callable[..., str]) -> str:
+    revisions = len({finding.revision for finding in report.findings})
+    checked = f"{report.revisions_checked} revision{'s' * (report.revisions_checked != 1)}"
+    if report.findings:
+        count = len(report.findings)
+        line = style(
+            f"{count} finding{'s' * (count != 1)} in {revisions} of {checked} checked", fg="red"
+        )
+    else:
+        line = style(f"no findings in {checked} checked", fg="green")
+    if report.allowed:
+        line += f"; {report.allowed} allowed by a comment in the revision"
+    if report.renderer == offline.OWN_RENDERER and report.renderer_note:
+        line += f"\n(rendered with prosaas-migrate's offline context: {report.renderer_note})"
+    elif report.renderer_note:
+        line += f"\n(note: {report.renderer_note})"
+    return line
