@@ -22,13 +22,21 @@ from prosaas_migrate.worker_events import (
     SLOT_ACQUIRED,
 )
 
-_COMPOSE_PREFIX = re.compile(r"[\w.-]+ *\| ?")  # "worker-1  | " from `docker compose logs`
-_TAG = re.compile(r"\[(WORKER_[A-Z_]+)\]")
-_TIMESTAMP = re.compile(
-    r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:[.,]\d+)?(?:Z|[+-]\d{2}:?\d{2})?"
+# Every pattern must stay linear in the line's length, whatever the line holds: possessive
+# quantifiers over disjoint classes, so a failed match never backtracks into what it consumed.
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*+[ -/]*+[@-~]|[@-Z\\-_])")  # colour codes and friends
+_COMPOSE_PREFIX = re.compile(r"[\w.-]++ *+\| ?")  # "worker-1  | " from `docker compose logs`
+_STAMP = (
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})"
+    r"(?:[.,]([0-9]++))?(?:([Zz])|([+-])([0-9]{2})(?::?([0-9]{2}))?)?"
 )
-_PAIR = re.compile(r'\s*([A-Za-z_][\w.-]*)=("(?:[^"\\]|\\.)*"|[^\s"]*)')
-_BARE_PAIR = re.compile(r"([A-Za-z_][\w.-]*)=(\S*)")
+_STAMP_ANYWHERE = re.compile(_STAMP)
+# `docker compose logs -t` and `docker logs -t` put one in front of the line; so do many apps.
+_LEADING_STAMP = re.compile(rf"(?:{_STAMP})(?=\s)")
+_TAG = re.compile(r"\[(WORKER_[A-Z_]++)\]")
+# A pair starts a whitespace-separated token; anything else in the token is skipped at once.
+# A quoted value runs to its closing quote (or, cut short, to the end of the line).
+_PAIR = re.compile(r'(?<!\S)([A-Za-z_][\w.-]*+)=(?:(")((?:[^"\\]++|\\.)*+)"?|(\S*+))')
 _UNESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|.)")
 _JSON_ENVELOPE = ("ts", "level", "event", "message")
 HISTORY = 20  # lifecycle events kept for each call that is reported
@@ -44,57 +52,82 @@ class Event:
 
 def parse_line(line: str) -> Event | None:
     """The worker event on this line, or None (unrelated lines are common and fine)."""
-    if "WORKER_" not in line:
-        return None
+    body, stamp = unwrap(line)
+    return parse_body(body, stamp)
+
+
+def unwrap(line: str) -> tuple[str, str | None]:
+    """The line as the worker wrote it, and the timestamp in front of it, if any.
+
+    Takes off what is put around a line on its way to the reader: colour codes (compose colours
+    its prefix, an app may colour its line), the `service-1  | ` prefix of `docker compose logs`
+    and one leading timestamp (`-t`, RFC 3339 with nanoseconds, or the app's own).
+    """
     body = line.rstrip("\r\n")
+    if "\x1b" in body:
+        body = _ANSI.sub("", body)
     prefix = _COMPOSE_PREFIX.match(body)
     if prefix:
         body = body[prefix.end() :]
+    if body[:1].isdigit():
+        stamp = _LEADING_STAMP.match(body)
+        if stamp:
+            return body[stamp.end() :].lstrip(), stamp.group(0)
+    return body, None
+
+
+def parse_body(body: str, stamp: str | None = None) -> Event | None:
+    """The worker event in an unwrapped line; `stamp` is its time when it carries none itself."""
+    if "WORKER_" not in body:
+        return None
     stripped = body.lstrip()
     if stripped.startswith("{"):
-        return _parse_json(stripped)
+        return _parse_json(stripped, stamp)
     tag = _TAG.search(body)  # the first tag is the event: a value can never hold a bare one
     if not tag or tag.group(1) not in MARKERS:
         return None
-    stamp = _TIMESTAMP.search(body, 0, tag.start())
-    return Event(tag.group(1), _parse_pairs(body[tag.end() :]), stamp.group(0) if stamp else None)
+    own = _STAMP_ANYWHERE.search(body, 0, tag.start())
+    return Event(tag.group(1), _parse_pairs(body, tag.end()), own.group(0) if own else stamp)
 
 
-def _parse_json(text: str) -> Event | None:
+def _parse_json(text: str, stamp: str | None) -> Event | None:
+    """Our JSON line, or None for anything else: foreign JSON (Elastic's `event` object, arrays,
+    numbers), malformed or absurdly deep text is noise like any other line."""
     try:
         document = json.loads(text)
-    except ValueError:
+        if not isinstance(document, dict):
+            return None
+        name = document.get("event")
+        if not isinstance(name, str) or name not in MARKERS:
+            return None
+        fields = {
+            key: value if isinstance(value, str) else json.dumps(value)
+            for key, value in document.items()
+            if key not in _JSON_ENVELOPE and value is not None
+        }
+    except (ValueError, RecursionError):  # ValueError covers JSONDecodeError and huge numbers
         return None
-    if not isinstance(document, dict) or document.get("event") not in MARKERS:
-        return None
-    fields = {k: str(v) for k, v in document.items() if k not in _JSON_ENVELOPE}
     ts = document.get("ts")
-    return Event(str(document["event"]), fields, str(ts) if ts is not None else None)
+    return Event(name, fields, ts if isinstance(ts, str) else stamp)
 
 
-def _parse_pairs(text: str) -> dict[str, str]:
-    """key=value pairs, left to right; a quoted value is taken whole, never searched inside."""
-    if '"' not in text:  # no quoted value, so no value holds a blank: one pass does it
-        return dict(_BARE_PAIR.findall(text))
-    fields: dict[str, str] = {}
-    position = 0
-    while True:
-        match = _PAIR.match(text, position)
-        if not match or match.end() == position:
-            return fields
-        key, value = match.group(1), match.group(2)
-        fields[key] = _unquote(value) if value.startswith('"') else value
-        position = match.end()
+def _parse_pairs(text: str, start: int) -> dict[str, str]:
+    """key=value pairs after `start`, left to right; a quoted value is taken whole, never searched
+    inside, so no value can forge a field."""
+    return {
+        key: _unquote(inner) if quote else bare
+        for key, quote, inner, bare in _PAIR.findall(text, start)
+    }
 
 
-def _unquote(value: str) -> str:
+def _unquote(inner: str) -> str:
     def replace(match: re.Match[str]) -> str:
         code = match.group(1)
         if code.startswith("x") and len(code) == 3:
             return chr(int(code[1:], 16))
         return {"n": "\n", "r": "\r", "t": "\t"}.get(code, code)
 
-    return _UNESCAPE.sub(replace, value[1:-1])
+    return _UNESCAPE.sub(replace, inner)
 
 
 @dataclass

@@ -43,16 +43,24 @@ class Clock:
         return self.now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _render(event: str, fields: dict[str, object], ts: str, rng: random.Random) -> str:
+def _render(
+    event: str, fields: dict[str, object], ts: str, rng: random.Random, *, stamped: bool = False
+) -> str:
     style = rng.random()
     if style < 0.15:  # a JSON-lines worker (MIGRATION_LOG_FORMAT=json)
-        return json.dumps({"ts": ts, "level": "info", "event": event,
+        line = json.dumps({"ts": ts, "level": "info", "event": event,
                            "message": format_line(event, fields), **fields})  # fmt: skip
-    line = format_line(event, fields)
-    if style < 0.55:
-        line = f"{ts} INFO {line}"
-    if style > 0.7:  # as `docker compose logs` shows it
-        line = f"worker-{rng.randint(1, 3)}  | {line}"
+    else:
+        line = format_line(event, fields)
+        if style < 0.55:
+            line = f"{ts} INFO {line}"
+    if rng.random() < 0.3:  # as `docker compose logs` shows it: -t adds RFC3339Nano, --ansi colour
+        prefix = f"worker-{rng.randint(1, 3)}  | "
+        if rng.random() < 0.3:
+            prefix = f"\x1b[3{rng.randint(1, 6)}m{prefix}\x1b[0m"
+        if rng.random() < 0.5:
+            prefix += ts.replace("Z", "000000Z") + " "
+        line = prefix + line
     return line
 
 
