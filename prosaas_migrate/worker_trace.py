@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import re
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from prosaas_migrate.worker_events import (
     DOWNLOAD_DONE,
@@ -50,6 +50,7 @@ _UNIT_SECONDS = {"h": 3600, "m": 60, "s": 1}
 HISTORY = 20  # lifecycle events kept for each call that is reported
 ERRORS_KEPT = 5
 FINISHED_KEPT = 1024  # finished calls remembered, so a second release of one is recognised
+RECENT_STAMPS = 64  # the log's latest time is the latest of its last this many
 DEFAULT_LEAK_AFTER = timedelta(minutes=10)
 
 
@@ -191,6 +192,37 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+class Clock:
+    """The log's own clock: the latest of its last few timestamps, parsed only when asked.
+
+    Lines from several replicas arrive a little out of order, hence the latest of several rather
+    than the very last. Times with an offset and times without one are kept apart: a log may mix
+    compose's UTC with an app's local time, and comparing them would invent hours.
+    """
+
+    def __init__(self) -> None:
+        self.recent: deque[str] = deque(maxlen=RECENT_STAMPS)
+        self.see: Callable[[str], None] = self.recent.append  # once a line: keep it one C call
+
+    def now(self) -> Now:
+        moments = [m for m in map(parse_timestamp, self.recent) if m is not None]
+        return Now(
+            max((m for m in moments if m.tzinfo), default=None),
+            max((m for m in moments if not m.tzinfo), default=None),
+        )
+
+
+class Now(NamedTuple):
+    aware: datetime | None
+    naive: datetime | None
+
+    def since(self, stamp: str | None) -> float | None:
+        """Seconds from `stamp` to now, when both are times of the same kind."""
+        start = parse_timestamp(stamp) if stamp else None
+        end = self.naive if start and not start.tzinfo else self.aware
+        return round((end - start).total_seconds(), 3) if start and end else None
+
+
 # What the log shows of a call's slot.
 UNKNOWN = "unknown"  # no pick, acquire or release of it yet: its job began before the log
 PICKED_ONLY = "picked"  # picked in the log, not acquired since
@@ -198,7 +230,7 @@ HELD = "held"
 RELEASED = "released"
 
 
-@dataclass
+@dataclass(slots=True)
 class Call:
     """What is known of one call_sid while it is unfinished or unusual."""
 
@@ -207,7 +239,7 @@ class Call:
     slot: str = UNKNOWN
     slot_business: str = "?"  # where the held slot is counted
     acquired: str | None = None  # the acquire's time, as the line wrote it
-    held_since: datetime | None = None  # the acquire's, or the first later one of its job
+    held_since: str | None = None  # the acquire's, or the first later time of its job
     last_event: str = ""
     picks_total: int = 0
     picks_since_download: int = 0
@@ -240,9 +272,7 @@ class Trace:
     most_held: dict[str, int] = field(default_factory=dict)
     leaks: list[dict[str, Any]] = field(default_factory=list)
     double_releases: list[dict[str, str | None]] = field(default_factory=list)
-    # The log's own clock: its latest time with an offset, and its latest without one.
-    latest: datetime | None = None
-    latest_naive: datetime | None = None
+    clock: Clock = field(default_factory=Clock)  # the log's own, never the wall clock
 
     def read(self, lines: Iterable[str]) -> Trace:
         for line in lines:
@@ -252,7 +282,7 @@ class Trace:
             if event is not None:
                 self.feed(event)
             if stamp is not None and (event is None or event.ts != stamp):
-                self._observe(parse_timestamp(stamp))
+                self.clock.see(stamp)
         return self
 
     def feed(self, event: Event) -> None:
@@ -260,8 +290,8 @@ class Trace:
         if not call_sid:
             return  # no job to pin it on: a mention of a tag, not a worker event
         self.events += 1
-        moment = parse_timestamp(event.ts) if event.ts else None
-        self._observe(moment)
+        if event.ts:
+            self.clock.see(event.ts)
         call = self._call(call_sid, event.name)
         business = event.fields.get("business_id") or call.business_id or "?"
         call.business_id = call.business_id or event.fields.get("business_id")
@@ -270,12 +300,12 @@ class Trace:
         if event.name == PICKED:
             self._picked(call, event.ts)
         elif event.name == SLOT_ACQUIRED:
-            self._acquired(call, business, event.ts, moment)
+            self._acquired(call, business, event.ts)
         elif event.name == RELEASE_SLOT:
             self._released(call, business, event.ts)
         else:
             if call.slot == HELD and call.held_since is None:
-                call.held_since = moment  # the acquire had no time; it came before this
+                call.held_since = event.ts  # the acquire had no time; it came before this
             if event.name == DOWNLOAD_DONE:
                 call.downloaded = True
                 call.picks_since_download = 0
@@ -295,15 +325,6 @@ class Trace:
                 self.started_before_log += 1
         return call
 
-    def _observe(self, moment: datetime | None) -> None:
-        if moment is None:
-            return
-        if moment.tzinfo is None:
-            if self.latest_naive is None or moment > self.latest_naive:
-                self.latest_naive = moment
-        elif self.latest is None or moment > self.latest:
-            self.latest = moment
-
     def _picked(self, call: Call, ts: str | None) -> None:
         if call.slot == HELD:
             self._leak(call, "picked again before its slot was released")
@@ -316,11 +337,11 @@ class Trace:
         call.downloaded = False
         call.flagged |= call.picks_since_download >= self.loop_threshold
 
-    def _acquired(self, call: Call, business: str, ts: str | None, moment: datetime | None) -> None:
+    def _acquired(self, call: Call, business: str, ts: str | None) -> None:
         if call.slot == HELD:
             self._leak(call, "acquired again before it was released")
         call.slot, call.slot_business = HELD, business
-        call.acquired, call.held_since = ts, moment
+        call.acquired = call.held_since = ts
         held = self.holding[business] = self.holding.get(business, 0) + 1
         self.most_held[business] = max(self.most_held.get(business, 0), held)
 
@@ -357,34 +378,27 @@ class Trace:
         call.slot = RELEASED
 
     def _leak(self, call: Call, why: str) -> None:
-        self.leaks.append(self._slot(call) | {"why": why})
+        self.leaks.append(self._slot(call, self.clock.now()) | {"why": why})
         self._let_go(call)
         call.flagged = True
 
-    def _slot(self, call: Call) -> dict[str, Any]:
+    def _slot(self, call: Call, now: Now) -> dict[str, Any]:
         return {
             "business_id": call.slot_business,
             "call_sid": call.call_sid,
             "acquired": call.acquired,
-            "held_seconds": self._held_seconds(call),
+            "held_seconds": now.since(call.held_since),  # None when its lines lack times
         }
-
-    def _held_seconds(self, call: Call) -> float | None:
-        """How long the log's own clock shows the slot held; None when its lines lack times."""
-        since = call.held_since
-        end = self.latest_naive if since is not None and since.tzinfo is None else self.latest
-        if since is None or end is None:
-            return None
-        return round((end - since).total_seconds(), 3)
 
     def report(self) -> dict[str, Any]:
         limit = self.leak_after.total_seconds()
+        now = self.clock.now()
         held_too_long, in_flight = [], []
         for call in self.calls.values():
-            held = self._held_seconds(call) if call.slot == HELD else None
+            held = now.since(call.held_since) if call.slot == HELD else None
             if held is not None and held > limit:
                 why = f"held longer than --leak-after {format_duration(limit)} in the log"
-                held_too_long.append(self._slot(call) | {"why": why})
+                held_too_long.append(self._slot(call, now) | {"why": why})
             elif not call.flagged and call.last_event != RELEASE_SLOT:
                 in_flight.append(
                     {
@@ -420,7 +434,7 @@ class Trace:
             for c in self.calls.values()
             if c.failures >= 2
         ]
-        latest = self.latest or self.latest_naive
+        latest = now.aware or now.naive
         return {
             "lines": self.lines,
             "worker_events": self.events,

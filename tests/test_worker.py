@@ -333,6 +333,15 @@ def test_noise_lines_with_a_collector_timestamp_advance_the_clock() -> None:
     assert [x["call_sid"] for x in Trace().read(lines).report()["leaked_slots"]] == ["CA1"]
 
 
+def test_the_clock_is_the_latest_of_the_last_times_not_the_very_last() -> None:
+    lines = job("CA1", PICKED, SLOT_ACQUIRED)  # acquired at 10:01
+    lines.append("worker-1  | 2026-11-28T10:30:00.000000000Z DEBUG polling queue")
+    lines.append("worker-2  | 2026-11-28T10:05:00.000000000Z DEBUG polling queue")  # behind
+    report = Trace().read(lines).report()
+    assert [x["held_seconds"] for x in report["leaked_slots"]] == [1740]
+    assert report["last_timestamp"] == "2026-11-28T10:30:00+00:00"
+
+
 def test_times_without_an_offset_are_compared_only_with_each_other() -> None:
     # The app logs local time without an offset, compose logs UTC: hours apart, yet no leak.
     lines = [
