@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import random
+import re
 import subprocess
 import time
 import tracemalloc
@@ -593,3 +594,19 @@ def test_cli_bad_arguments_are_one_line(tmp_path: Path) -> None:
     result = run_trace(["--leak-after", "10 minutes"], "", tmp_path)
     assert result.returncode == 2, result.stderr
     assert "--leak-after" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_readme_documents_every_json_field() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Worker events and `worker-trace`\n", 1)[1].split("\n## ", 1)[0]
+    table = section.split("`--json` gives one document:", 1)[1]
+    documented = {
+        name for row in table.splitlines() if row.startswith("| `")
+        for name in re.findall(r"`(\w+)`", row.split("|")[1])
+    }  # fmt: skip
+    # 300 jobs span a few minutes: CALEAK1 is in flight, CALEAK2 has leaked.
+    report = Trace().read(generate(300, seed=4)).report()
+    assert documented == set(report)
+    for key in ("leaked_slots", "double_releases", "in_flight", "recording_loops"):
+        row = next(row for row in table.splitlines() if row.startswith(f"| `{key}`"))
+        assert set(re.findall(r"`(\w+)`", row.split("|")[2])) >= set(report[key][0]), key
