@@ -510,7 +510,8 @@ def render_text(report: dict[str, Any]) -> str:
         "In flight at end of input (not a problem)",
         [
             f"{x['call_sid']} business_id={x['business_id']}: last {x['last_event']}"
-            + (f", slot {held(x)}" if x["slot_held"] else "")
+            + (", holding a slot" if x["slot_held"] else "")
+            + (f" ({held(x)})" if x["acquired"] else "")
             for x in report["in_flight"]
         ],
     )
