@@ -213,6 +213,21 @@ def bench_worker_trace(work: Path, rounds: int) -> None:
         f"({rss[1_000_000] / rss[200_000]:.2f}x for 5x the lines)",
         flush=True,
     )
+    # One long bare token after a tag was quadratic (40,000 characters took seconds): a 1 MB
+    # line must cost no more than a megabyte of ordinary lines.
+    long_line = work / "worker-long-line.log"
+    long_line.write_text("🎯 [WORKER_PICKED] " + "a" * 1_000_000 + "\n")
+    ordinary = work / "worker-1mb.log"
+    with ordinary.open("w") as out:
+        for line in generate(10_000, seed=11):
+            out.write(line + "\n")
+            if out.tell() >= long_line.stat().st_size:
+                break
+    compare(
+        "worker-trace on one 1 MB line vs on 1 MB of ordinary log lines", "<= 1.0x",
+        lambda: timed_any([str(BIN), "worker-trace", str(long_line)]),
+        lambda: timed_any([str(BIN), "worker-trace", str(ordinary)]), max(3, rounds // 3),
+    )  # fmt: skip
 
 
 def wait_until_waiting(holder: psycopg.Connection[tuple[object, ...]]) -> None:

@@ -163,21 +163,36 @@ def status(config_path: str | None, as_json: bool, check: bool) -> NoReturn:
     show_default=True,
     help="Picks without a download that make a recording loop.",
 )
-def worker_trace(source: TextIO, as_json: bool, loop_threshold: int) -> NoReturn:
+@click.option(
+    "--leak-after",
+    metavar="DURATION",
+    default="10m",
+    show_default=True,
+    help="A slot still held at the end, acquired longer ago than this by the log's own "
+    "timestamps, is leaked. A number and a unit h, m or s: 90s, 10m, 1h30m.",
+)
+def worker_trace(source: TextIO, as_json: bool, loop_threshold: int, leak_after: str) -> NoReturn:
     """Find recording loops, leaked slots and repeated failures in worker logs.
 
     Reads the WORKER_* events (text or JSON lines, mixed with anything else, with or without
-    the prefixes `docker compose logs` adds) from FILE or standard input, streaming. Exits 1
-    when it finds a loop, a leaked slot or a double release, so it can gate a CI job.
+    the prefixes, timestamps and colours of `docker compose logs`) from FILE or standard input,
+    streaming. Exits 1 when the log proves a loop, a leaked slot or a double release, so it can
+    gate a CI job; jobs in flight at the end or begun before the log are counted, not failed.
 
     \b
     Example:
-        docker compose logs --no-color worker | prosaas-migrate worker-trace
-        prosaas-migrate worker-trace --json --loop-threshold 5 worker.log
+        docker compose logs --since 1h worker | prosaas-migrate worker-trace
+        prosaas-migrate worker-trace --json --leak-after 30m worker.log
     """
     from prosaas_migrate import worker_trace as trace
 
-    report = trace.Trace(loop_threshold=loop_threshold).read(source).report()
+    try:
+        held_too_long = trace.parse_duration(leak_after)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--leak-after'") from None
+    report = (
+        trace.Trace(loop_threshold=loop_threshold, leak_after=held_too_long).read(source).report()
+    )
     if as_json:
         import json
 

@@ -6,6 +6,7 @@ import json
 import random
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from prosaas_migrate.worker_events import (
     DOWNLOAD_DONE,
@@ -16,14 +17,18 @@ from prosaas_migrate.worker_events import (
     format_line,
 )
 
-# What generate(..., plant=True) hides among the normal jobs, and what worker-trace must find.
-PLANTED = {
+# What generate(..., plant=True) hides among the normal jobs, and what worker-trace must find
+# (with the default --leak-after of 10m: a log of 5,000 jobs spans about an hour).
+PLANTED: dict[str, Any] = {
     "recording_loops": {"CALOOP1": 4, "CALOOP2": 3},
-    "leaked_slots": {"CALEAK1": "still held at end of input",
+    "leaked_slots": {"CALEAK1": "held longer than --leak-after 10m in the log",
                      "CALEAK2": "picked again before its slot was released"},
-    "double_releases": {"CADOUBLE1"},
+    "double_releases": {"CADOUBLE1": "released twice",
+                        "CANOSLOT1": "released but never acquired"},
     "repeated_failures": {"CAFAIL1": 2, "CALOOP1": 4},  # CALOOP1 failed on every pick
 }  # fmt: skip
+# Its slot is taken as the log begins and never released; its lines always carry their time.
+LEAKED_FOR_GOOD = "CALEAK1"
 
 NOISE = [
     "INFO  [werkzeug] 127.0.0.1 - - GET /healthz HTTP/1.1 200 -",
@@ -43,16 +48,24 @@ class Clock:
         return self.now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _render(event: str, fields: dict[str, object], ts: str, rng: random.Random) -> str:
+def _render(
+    event: str, fields: dict[str, object], ts: str, rng: random.Random, *, stamped: bool = False
+) -> str:
     style = rng.random()
     if style < 0.15:  # a JSON-lines worker (MIGRATION_LOG_FORMAT=json)
-        return json.dumps({"ts": ts, "level": "info", "event": event,
+        line = json.dumps({"ts": ts, "level": "info", "event": event,
                            "message": format_line(event, fields), **fields})  # fmt: skip
-    line = format_line(event, fields)
-    if style < 0.55:
-        line = f"{ts} INFO {line}"
-    if style > 0.7:  # as `docker compose logs` shows it
-        line = f"worker-{rng.randint(1, 3)}  | {line}"
+    else:
+        line = format_line(event, fields)
+        if style < 0.55 or stamped:
+            line = f"{ts} INFO {line}"
+    if rng.random() < 0.3:  # as `docker compose logs` shows it: -t adds RFC3339Nano, --ansi colour
+        prefix = f"worker-{rng.randint(1, 3)}  | "
+        if rng.random() < 0.3:
+            prefix = f"\x1b[3{rng.randint(1, 6)}m{prefix}\x1b[0m"
+        if rng.random() < 0.5:
+            prefix += ts.replace("Z", "000000Z") + " "
+        line = prefix + line
     return line
 
 
@@ -110,7 +123,7 @@ def _planted() -> list[list[Step]]:
             _ev(RELEASE_SLOT, "CALOOP2", reason="skipped"),
         ]
         * 3,
-        [_ev(PICKED, "CALEAK1"), _ev(SLOT_ACQUIRED, "CALEAK1"), _download("CALEAK1")],
+        [_ev(PICKED, "CANOSLOT1"), _ev(RELEASE_SLOT, "CANOSLOT1", reason="skipped")],
         [
             _ev(PICKED, "CALEAK2"),
             _ev(SLOT_ACQUIRED, "CALEAK2"),
@@ -131,6 +144,11 @@ def _planted() -> list[list[Step]]:
     ]
 
 
+def _leaked_for_good() -> list[Step]:
+    call = LEAKED_FOR_GOOD
+    return [_ev(PICKED, call), _ev(SLOT_ACQUIRED, call), _download(call)]
+
+
 def generate(
     jobs: int, *, seed: int = 0, plant: bool = True, concurrency: int = 8, businesses: int = 25
 ) -> Iterator[str]:
@@ -140,7 +158,7 @@ def generate(
     clock = Clock()
     started = 0
     planted = _planted() if plant else []
-    active: list[list[Step]] = []
+    active: list[list[Step]] = [_leaked_for_good()] if plant else []
     while True:
         while len(active) < concurrency and (started < jobs or planted):
             if planted and rng.random() < len(planted) / max(1, jobs - started + len(planted)):
@@ -162,6 +180,7 @@ def generate(
             yield rng.choice(NOISE)
         job = rng.choice(active)
         event, fields = job.pop(0)
-        yield _render(event, fields, clock.tick(rng), rng)
+        stamped = fields["call_sid"] == LEAKED_FOR_GOOD
+        yield _render(event, fields, clock.tick(rng), rng, stamped=stamped)
         if not job:
             active.remove(job)
