@@ -11,6 +11,7 @@ import click
 
 from prosaas_migrate import __version__, config, logs, runner
 from prosaas_migrate.errors import (
+    DatabaseAhead,
     DotenvUnreadable,
     HeadNotReached,
     Interrupted,
@@ -248,9 +249,9 @@ def _report(exc: MigrateError) -> None:
     if isinstance(exc, MigrationFailed):
         logs.migration_failed(exc.revision, exc.cause, exc.rolled_back, exc.committed)
     elif isinstance(exc, LockLost):
-        logs.lock_lost(exc.key, exc.reason)
-    elif not isinstance(exc, HeadNotReached | TransactionPooling):  # logged where they happen
-        logs.error(str(exc))
+        logs.lock_lost(exc.key, exc.reason, exc.consequence)
+    elif not isinstance(exc, HeadNotReached | TransactionPooling | DatabaseAhead):
+        logs.error(str(exc))  # the three above are logged, in full, where they happen
 
 
 def _hostname() -> str:

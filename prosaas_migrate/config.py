@@ -161,6 +161,28 @@ SETTINGS: tuple[Setting, ...] = (
         "`1500ms`; no unit = ms; `0` = none); `statement_timeout` of every migration connection",
     ),
     Setting(
+        "MIGRATION_DDL_LOCK_TIMEOUT",
+        "2s",
+        parse_duration_ms,
+        "PostgreSQL duration: `lock_timeout` of every migration connection, so a DDL statement "
+        "queued behind a long query gives up (and is retried) instead of stalling the app's "
+        "queries on that table; `0` = off",
+    ),
+    Setting(
+        "MIGRATION_DDL_LOCK_RETRIES",
+        "10",
+        partial(parse_whole, meaning="a whole number of retries"),
+        "retries of the pending upgrade after a lock timeout (SQLSTATE 55P03), after a jittered "
+        "delay of about 1 s, doubling, at most 30 s",
+    ),
+    Setting(
+        "MIGRATION_UNKNOWN_REVISION",
+        "start",
+        partial(parse_choice, choices=UNKNOWN_REVISION_CHOICES),
+        "the database is at a revision these scripts do not know (a newer image migrated: a "
+        "rollback deploy): `start` warns and starts the service, `fail` exits 1",
+    ),
+    Setting(
         "MIGRATION_LOCK_KEY",
         str(DEFAULT_LOCK_KEY),
         parse_lock_key,
@@ -229,6 +251,10 @@ class Settings:
     alembic_config_source: str  # "--config", "ALEMBIC_CONFIG" or "default"
     wait_for_head_seconds: int = 0  # 0 = do not wait
     log_format: str = "text"
+    ddl_lock_timeout: str = "2s"  # as configured, for the log line
+    ddl_lock_timeout_ms: int = 2000  # lock_timeout of every migration connection; 0 = off
+    ddl_lock_retries: int = 10
+    unknown_revision: str = "start"  # or "fail"
 
 
 def load(environ: Mapping[str, str], *, config_option: str | None = None) -> Settings:
@@ -257,6 +283,10 @@ def load(environ: Mapping[str, str], *, config_option: str | None = None) -> Set
         alembic_config_source=alembic_source,
         wait_for_head_seconds=_int(environ, "MIGRATION_WAIT_FOR_HEAD_SECONDS"),
         log_format=log_format(environ),
+        ddl_lock_timeout=_text(environ, "MIGRATION_DDL_LOCK_TIMEOUT"),
+        ddl_lock_timeout_ms=_int(environ, "MIGRATION_DDL_LOCK_TIMEOUT"),
+        ddl_lock_retries=_int(environ, "MIGRATION_DDL_LOCK_RETRIES"),
+        unknown_revision=str(parsed(environ, "MIGRATION_UNKNOWN_REVISION")),
     )
 
 

@@ -42,8 +42,9 @@ PEER_CHECKS = {
     "client_connection_check_interval": "1s",  # PostgreSQL 14+; skipped where unknown
 }
 # The lock session idles for the whole upgrade when env.py migrates on its own connection:
-# a server-side idle timeout (managed providers' hardening guides set one) must not end it.
-LOCK_SESSION = {"idle_session_timeout": "0", "idle_in_transaction_session_timeout": "0"}
+# a server-side idle timeout (managed providers' hardening guides set one) must not end it,
+# nor any other session of the upgrade between its statements.
+OURS_WHILE_MIGRATING = {"idle_session_timeout": "0", "idle_in_transaction_session_timeout": "0"}
 # Sessions of our own that read the version table must never sit in its lock queue past
 # the wait budget (another migrator may hold ACCESS EXCLUSIVE on it for minutes).
 MIN_READ_TIMEOUT_MS = 50
@@ -92,12 +93,14 @@ def connect(
             sleep(min(_RETRY_DELAYS[min(attempt, len(_RETRY_DELAYS)) - 1], remaining))
 
 
-def set_session(dbapi_connection: Any, settings: Mapping[str, str]) -> None:
-    """set_config() each setting for the session, outside any transaction, as bound parameters.
+def set_session(dbapi_connection: Any, settings: Mapping[str, str]) -> tuple[int, Identity]:
+    """set_config() each setting for the session, outside any transaction, as bound parameters;
+    return the session's server pid and which server and database it is in.
 
     Works on a psycopg connection and on the adapted one of SQLAlchemy's asyncio engine alike
     (plain DB-API calls). Unlike libpq's `options` startup parameter, this survives PgBouncer,
     and in autocommit no rollback undoes it. Settings this server does not know are skipped.
+    The pid is asked of the server: behind PgBouncer the one libpq reports is the pooler's.
     """
     previous = dbapi_connection.autocommit
     if not previous:
@@ -113,10 +116,19 @@ def set_session(dbapi_connection: Any, settings: Mapping[str, str]) -> None:
                 [list(settings), list(settings.values())],
             )
             cursor.fetchall()
+            cursor.execute(
+                "SELECT pg_backend_pid(), current_database(), host(inet_server_addr()),"
+                " inet_server_port(), current_setting('port')"
+            )
+            row = cursor.fetchone()
         finally:
             cursor.close()
     finally:
         dbapi_connection.autocommit = previous
+    return int(row[0]), tuple(row[1:])
+
+
+Identity = tuple[object, ...]  # which server and database a session is in
 
 
 def verify_durations(conn: psycopg.Connection[Any], wanted: Mapping[str, tuple[str, int]]) -> None:
@@ -124,7 +136,7 @@ def verify_durations(conn: psycopg.Connection[Any], wanted: Mapping[str, tuple[s
     for name, (text, ms) in wanted.items():
         row = conn.execute("SELECT current_setting(%s, true)", [name]).fetchone()
         shown = str(row[0]) if row and row[0] is not None else ""
-        if not shown and name in PEER_CHECKS | LOCK_SESSION:
+        if not shown and name in PEER_CHECKS | OURS_WHILE_MIGRATING:
             continue  # an older server without this setting
         try:
             kept = parse_duration_ms(name, shown) == ms

@@ -148,14 +148,35 @@ class MigrationFailed(MigrateError):
 
 
 class LockLost(MigrateError):
-    """The advisory lock was not ours any more when we released it."""
+    """The advisory lock stopped being ours before the migration ended."""
 
     exit_code = ExitCode.MIGRATION_FAILED
 
-    def __init__(self, key: int, reason: str) -> None:
+    def __init__(
+        self,
+        key: int,
+        reason: str,
+        consequence: str = "Another runner may have migrated concurrently; check the schema "
+        "before trusting it",
+    ) -> None:
         self.key = key
         self.reason = reason
+        self.consequence = consequence
         super().__init__(f"migration lock {key} was lost: {reason}")
+
+
+class DatabaseAhead(MigrateError):
+    """The database is at revisions these scripts do not know, and the operator said: fail."""
+
+    exit_code = ExitCode.MIGRATION_FAILED
+
+    def __init__(self, unknown: Sequence[str], heads: Sequence[str]) -> None:
+        self.unknown = tuple(unknown)
+        self.heads = tuple(heads)
+        super().__init__(
+            f"the database is at {', '.join(unknown)}, which these scripts do not know "
+            "(MIGRATION_UNKNOWN_REVISION=fail)"
+        )
 
 
 class TransactionPooling(MigrateError):

@@ -33,6 +33,16 @@ SELECT a.pid, a.application_name, host(a.client_addr), a.backend_start,
 """
 
 
+# Whether the session with this backend pid still holds the lock (same key reconstruction).
+HELD_BY_SQL = """
+SELECT EXISTS (
+  SELECT 1 FROM pg_locks l
+   WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.pid = %s
+     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+     AND ((l.classid::int8 << 32) | l.objid::int8) = %s::int8)
+"""
+
+
 @dataclass(frozen=True)
 class Holder:
     """The session that holds the lock, as pg_stat_activity shows it."""
@@ -116,9 +126,10 @@ def release(conn: psycopg.Connection[Any], key: int) -> None:
         conn.autocommit = True
         row = conn.execute("SELECT pg_advisory_unlock(%s::int8)", [key]).fetchone()
     except psycopg.Error as exc:
-        raise LockLost(key, f"the lock connection failed: {str(exc).strip()}") from exc
+        reason = f"the lock connection failed at release: {' '.join(str(exc).split())}"
+        raise LockLost(key, reason) from exc
     if not (row and row[0]):
-        raise LockLost(key, "pg_advisory_unlock returned false")
+        raise LockLost(key, "it was no longer held at release: pg_advisory_unlock returned false")
     logs.lock_released(key)
 
 
@@ -127,6 +138,8 @@ def releasing(conn: psycopg.Connection[Any], key: int) -> Iterator[None]:
     """Release the held lock on the way out, without hiding the body's own error."""
     try:
         yield
+    except LockLost:
+        raise  # already gone: nothing to release, and it is reported once, by the caller
     except Interrupted:
         # On a signal the driver cancels the statement and SQLAlchemy may close the connection
         # to be sure: the session ended, so the server rolled back and freed the lock with it.
@@ -145,4 +158,4 @@ def _release_reporting_loss(conn: psycopg.Connection[Any], key: int) -> None:
     try:
         release(conn, key)
     except LockLost as lost:
-        logs.lock_lost(key, lost.reason)
+        logs.lock_lost(key, lost.reason, lost.consequence)

@@ -194,6 +194,96 @@ def statement_timeout_set(value: str) -> None:
     )
 
 
+def ddl_lock_timeout_set(value: str, retries: int) -> None:
+    if value.strip() in ("0", "0ms", "0s"):
+        line = "⚠️ lock_timeout is off for migration connections (MIGRATION_DDL_LOCK_TIMEOUT=0)"
+    else:
+        line = (
+            f"✅ Set lock_timeout to {value} for migration connections "
+            f"(a DDL lock wait gives up after it and is retried, up to {retries} times)"
+        )
+    _emit("lock_timeout_set", [line], lock_timeout=value, retries=retries)
+
+
+def database_ahead(unknown: Sequence[str], heads: Sequence[str], *, fail: bool) -> None:
+    what = "not starting (MIGRATION_UNKNOWN_REVISION=fail)" if fail else "starting the service"
+    _emit(
+        "database_ahead",
+        [
+            f"⚠️ The database is ahead of this image: it is at {', '.join(unknown)}, which these "
+            f"scripts do not know (their head: {_revisions(heads)}). A rollback deploy?",
+            f"   Nothing is migrated and no lock is taken; {what}",
+        ],
+        level="error" if fail else "warning",
+        unknown=list(unknown),
+        heads=list(heads),
+    )
+
+
+def revision_progress(
+    revision: str,
+    elapsed: float,
+    statement: str | None,
+    waiting_for: str | None,
+    progress: str | None,
+    blockers: Sequence[str],
+    blocker_fields: Sequence[dict[str, object]],
+) -> None:
+    doing = statement or "between statements"
+    line = f"⏳ Revision {revision} running for {elapsed:.0f}s: {doing}"
+    if progress:
+        line += f" ({progress})"
+    lines = [line]
+    if blockers:
+        lines.append(f"   Waiting for a lock ({waiting_for}), blocked by {'; '.join(blockers)}")
+    elif waiting_for:
+        lines.append(f"   Waiting for {waiting_for}")
+    _emit(
+        "revision_progress",
+        lines,
+        revision=revision,
+        elapsed_seconds=round(elapsed, 1),
+        statement=statement,
+        waiting_for=waiting_for,
+        progress=progress,
+        blockers=list(blocker_fields),
+    )
+
+
+def ddl_lock_retry(
+    revision: str | None,
+    attempt: int,
+    retries: int,
+    delay: float,
+    blockers: Sequence[str],
+    blocker_fields: Sequence[dict[str, object]],
+) -> None:
+    where = f"revision {revision}" if revision else "the upgrade"
+    who = "; ".join(blockers) if blockers else "a session that was gone when checked"
+    _emit(
+        "ddl_lock_retry",
+        [
+            f"⏳ Lock timeout in {where} (attempt {attempt} of {retries + 1}): blocked by {who}",
+            f"   Rolled back; trying again in {delay:.1f}s (the app's queries were not held up)",
+        ],
+        level="warning",
+        revision=revision,
+        attempt=attempt,
+        retries=retries,
+        delay_seconds=round(delay, 1),
+        blockers=list(blocker_fields),
+    )
+
+
+def monitor_stopped(reason: str) -> None:
+    _emit(
+        "monitor_stopped",
+        [f"⚠️ Stopped watching the migration's progress ({reason}); the migration goes on"],
+        level="warning",
+        reason=reason,
+    )
+
+
 def waiting(key: int, waited: float, holder: Holder | None) -> None:
     held_by = holder.describe() if holder else "no holder visible (it may have just released)"
     _emit(
@@ -231,13 +321,10 @@ def lock_released(key: int) -> None:
     _emit("lock_released", [f"✅ Released migration lock (key {key})"], key=str(key))
 
 
-def lock_lost(key: int, reason: str) -> None:
+def lock_lost(key: int, reason: str, consequence: str) -> None:
     _emit(
         "lock_lost",
-        [
-            f"❌ MIGRATION LOCK LOST: key {key} was no longer held at release: {reason}",
-            "   Another runner may have migrated concurrently; check the schema before trusting it",
-        ],
+        [f"❌ MIGRATION LOCK LOST: key {key}: {reason}", f"   {consequence}"],
         level="error",
         key=str(key),
         reason=reason,

@@ -42,6 +42,16 @@ if TYPE_CHECKING:
     from prosaas_migrate.revisions import Project
 
 OnConnect = Callable[[Any], None]  # a DB-API connection any engine has just opened
+OnStep = Callable[[str | None], None]  # the revision now running (None: between revisions)
+
+
+class LockGoneBeforeCommit(Exception):
+    """Raised from the commit hook to veto a commit once the lock session lost the lock."""
+
+    def __init__(self, lock_pid: int) -> None:
+        super().__init__(f"the lock session (pid {lock_pid}) no longer holds the lock at commit")
+
+
 BeforeCommit = Callable[[Connection], None]  # raise to veto a commit
 
 
@@ -227,12 +237,13 @@ def upgrade(
     *,
     on_connect: OnConnect,
     before_commit: BeforeCommit | None = None,
+    on_step: OnStep | None = None,
 ) -> None:
     """Run `alembic upgrade head` with `conn` (the locked connection) offered to env.py.
 
     `done` records what ran, as it runs; MigrationFailed names the revision that failed.
     """
-    tracker = _StepTracker(script, done)
+    tracker = _StepTracker(script, done, on_step or (lambda _revision: None))
     try:
         with (
             logs.foreign_output_as_events("env.py"),
@@ -253,9 +264,10 @@ def upgrade(
 class _StepTracker:
     """Hands Alembic its upgrade steps one at a time, to log each and name the one that fails."""
 
-    def __init__(self, script: ScriptDirectory, done: Upgrade) -> None:
+    def __init__(self, script: ScriptDirectory, done: Upgrade, on_step: OnStep) -> None:
         self.script = script
         self.done = done
+        self.on_step = on_step
         self._doc: str | None = None
 
     def steps(self, rev: Any, context: MigrationContext) -> Iterator[MigrationStep]:
@@ -266,6 +278,7 @@ class _StepTracker:
             self.finish()
             self.done.running, self._doc = revision.revision, revision.doc
             logs.applying(revision.revision, revision.doc)
+            self.on_step(revision.revision)
             yield MigrationStep.upgrade_from_script(self.script.revision_map, revision)
 
     def finish(self) -> None:
@@ -273,6 +286,7 @@ class _StepTracker:
             logs.ran(self.done.running, self._doc)
             self.done.ran.append(self.done.running)
             self.done.running = None
+            self.on_step(None)
 
 
 def describe(exc: BaseException, info: ConnInfo | None = None) -> str:

@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING, Any
 from prosaas_migrate import logs
 from prosaas_migrate.config import Settings, default_lock_key
 from prosaas_migrate.errors import (
+    DatabaseAhead,
     DatabaseUnreachable,
     ExecFailed,
     ExitCode,
     HeadNotReached,
     Interrupted,
+    LockLost,
     MigrationFailed,
     TransactionPooling,
     VersionTableBusy,
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 
     from prosaas_migrate.conninfo import ConnInfo
     from prosaas_migrate.migrations import Upgrade
-    from prosaas_migrate.schema import Reader
+    from prosaas_migrate.schema import Position, Reader
 
 HEAD_POLL_INTERVAL = (0.2, 0.5)  # read-only polls of the version table, jittered
 PROBE_SECONDS = (2.0, 5.0)  # the pooler probe's wait for a second server session: min, max
@@ -85,8 +87,7 @@ def migrate(settings: Settings, *, hostname: str, clock: Callable[[], float]) ->
     try:
         try:
             position = reader.position(conn, remaining_ms()) if goal.graph else None
-            if position is not None and position.at_head:
-                logs.at_head(position.heads, locked=False)
+            if position is not None and _settled(position, settings, locked=False):
                 return
             probe_seconds = min(max(remaining_ms() / 1000, PROBE_SECONDS[0]), PROBE_SECONDS[1])
             pooled = database.transaction_pooling(conn, info, timeout=probe_seconds)
@@ -95,8 +96,7 @@ def migrate(settings: Settings, *, hostname: str, clock: Callable[[], float]) ->
                 raise TransactionPooling(settings.database_url_source or "DATABASE_URL", pooled)
             if position is None:
                 position = reader.position(conn, remaining_ms())
-                if position.at_head:
-                    logs.at_head(position.heads, locked=False)
+                if _settled(position, settings, locked=False):
                     return
         except VersionTableBusy as busy:
             logs.version_table_busy(clock() - started, busy.cause)
@@ -114,24 +114,29 @@ def migrate(settings: Settings, *, hostname: str, clock: Callable[[], float]) ->
             key = default_lock_key(database.table_name(position.table or database.DEFAULT_TABLE))
         session = {
             "statement_timeout": str(settings.statement_timeout_ms),
+            "lock_timeout": str(settings.ddl_lock_timeout_ms),
             "application_name": app_name,
             **database.PEER_CHECKS,
+            # Ours for the whole upgrade, idle or not: a server-side idle timeout must not end it.
+            **database.OURS_WHILE_MIGRATING,
         }
-        database.set_session(conn, {**session, **database.LOCK_SESSION})
+        database.set_session(conn, session)
         database.verify_durations(
             conn,
             {
                 "statement_timeout": (settings.statement_timeout, settings.statement_timeout_ms),
+                "lock_timeout": (settings.ddl_lock_timeout, settings.ddl_lock_timeout_ms),
                 "idle_session_timeout": ("0", 0),
                 "idle_in_transaction_session_timeout": ("0", 0),
             },
         )
         logs.statement_timeout_set(settings.statement_timeout)
+        logs.ddl_lock_timeout_set(settings.ddl_lock_timeout, settings.ddl_lock_retries)
         holding = _acquire(conn, key, started, deadline, clock, connect, session, info)
         if holding is None:
             return
         conn = holding
-        _upgrade_under_lock(conn, key, reader, session)
+        _upgrade_under_lock(conn, key, reader, session, settings, clock)
     except psycopg.OperationalError as exc:
         raise DatabaseUnreachable(
             info.display, clock() - started, 1, database.one_line(exc, info)
@@ -167,7 +172,7 @@ def _acquire(
             logs.connection_lost(info.display, database.one_line(exc, info))
             conn.close()
             conn = connect()
-            database.set_session(conn, {**session, **database.LOCK_SESSION})
+            database.set_session(conn, session)
     if not acquired:
         conn.close()
         logs.lock_timeout(clock() - started)  # the whole budget: connecting counts too
@@ -176,39 +181,146 @@ def _acquire(
     return conn
 
 
+def _settled(position: Position, settings: Settings, *, locked: bool) -> bool:
+    """True when there is nothing to migrate here: at head, or the database is ahead of these
+    scripts (a rollback deploy: start, or with MIGRATION_UNKNOWN_REVISION=fail, exit 1)."""
+    if position.unknown:
+        fail = settings.unknown_revision == "fail"
+        logs.database_ahead(position.unknown, position.heads, fail=fail)
+        if fail:
+            raise DatabaseAhead(position.unknown, position.heads)
+        return True
+    if position.at_head:
+        logs.at_head(position.heads, locked=locked)
+        return True
+    return False
+
+
 def _upgrade_under_lock(
-    conn: psycopg.Connection[Any], key: int, reader: Reader, session: dict[str, str]
+    conn: psycopg.Connection[Any],
+    key: int,
+    reader: Reader,
+    session: dict[str, str],
+    settings: Settings,
+    clock: Callable[[], float],
 ) -> None:
+    """Upgrade to head while holding the lock: retry lock timeouts, watch the lock, verify."""
     from prosaas_migrate import database, lock, migrations
+    from prosaas_migrate.monitor import Monitor, Watch
 
     goal = reader.goal
+    info = goal.info
+    assert info is not None
+    lock_pid, lock_identity = database.set_session(conn, session)
+    watch = Watch(lock_pid=lock_pid, key=key)
+    guarded: set[int] = set()  # id() of connections in the lock's database
 
     def on_connect(dbapi_connection: Any) -> None:
-        database.set_session(dbapi_connection, session)
+        pid, identity = database.set_session(dbapi_connection, session)
+        if identity == lock_identity:  # multidb: others are in other databases, unwatchable
+            watch.add_pid(pid)
+            guarded.add(id(dbapi_connection))
 
-    with lock.releasing(conn, key):
-        # Re-read under the lock: whoever held it before us may have just migrated.
-        if goal.graph is not None and database.current_revisions(conn) == goal.graph.heads:
-            logs.at_head(goal.graph.heads, locked=True)
+    def before_commit(connection: Any) -> None:
+        # env.py's own connection commits on its own: not once the lock session lost the lock.
+        if id(connection.connection.dbapi_connection) not in guarded:
             return
-        cfg, script, heads = reader.alembic
-        done = migrations.Upgrade()
-        try:
-            migrations.upgrade(conn, cfg, script, goal.info, done, on_connect=on_connect)
-        except MigrationFailed as failure:
-            raise _accounted(failure, conn, reader, done) from failure.original
-        now = reader.committed(conn, done.states)
-        if not now.at_head:
-            raise MigrationFailed(
-                None,
-                f"the upgrade ended at {list(now.current) or 'base'}, not head {list(heads)}: "
-                "it was not committed",
-                rolled_back=[r for r in done.ran if r not in now.current],
-            )
-        if done.ran:
-            logs.migrations_done(done.ran, heads)
-        else:
-            logs.at_head(heads, locked=True)
+        held = connection.exec_driver_sql(lock.HELD_BY_SQL, (watch.lock_pid, key)).scalar()
+        if not held:
+            raise migrations.LockGoneBeforeCommit(watch.lock_pid)
+
+    def monitor_connection() -> Any:
+        extra = database.connect(info, deadline=clock() + 3)
+        database.set_session(extra, {**session, "statement_timeout": "2000"})
+        return extra
+
+    monitor = Monitor(info, watch, connect=monitor_connection, clock=clock).start()
+    try:
+        with lock.releasing(conn, key):
+            # Re-read under the lock: whoever held it before us may have just migrated.
+            if goal.graph is not None:
+                position = reader.position(conn, 10_000)
+                if _settled(position, settings, locked=True):
+                    return
+            cfg, script, heads = reader.alembic
+            attempt = 0
+            while True:
+                done = migrations.Upgrade()
+                try:
+                    migrations.upgrade(
+                        conn, cfg, script, info, done,
+                        on_connect=on_connect,
+                        before_commit=before_commit,
+                        on_step=lambda revision: watch.running(revision, clock()),
+                    )  # fmt: skip
+                    break
+                except MigrationFailed as failure:
+                    watch.running(None, clock())
+                    _raise_if_lock_lost(failure, conn, watch)
+                    blockers = list(watch.blockers)
+                    lock_timeout = migrations.sqlstate(failure.original) == "55P03"
+                    if not lock_timeout or attempt >= settings.ddl_lock_retries:
+                        if lock_timeout and blockers:
+                            failure.cause += "; blocked by " + "; ".join(
+                                b.describe() for b in blockers
+                            )
+                        raise _accounted(failure, conn, reader, done) from failure.original
+                    attempt += 1
+                    delay = _retry_delay(attempt)
+                    logs.ddl_lock_retry(
+                        failure.revision,
+                        attempt,
+                        settings.ddl_lock_retries,
+                        delay,
+                        [b.describe() for b in blockers],
+                        [b.as_dict() for b in blockers],
+                    )
+                    time.sleep(delay)
+            now = reader.committed(conn, done.states)
+            if not now.at_head:
+                raise MigrationFailed(
+                    None,
+                    f"the upgrade ended at {list(now.current) or 'base'}, not head "
+                    f"{list(heads)}: it was not committed",
+                    rolled_back=[r for r in done.ran if r not in now.current],
+                )
+            if done.ran:
+                logs.migrations_done(done.ran, heads)
+            else:
+                logs.at_head(heads, locked=True)
+    finally:
+        monitor.stop()
+
+
+RETRY_DELAY = (1.0, 30.0)  # the first retry's delay, and the cap, in seconds
+
+
+def _retry_delay(attempt: int) -> float:
+    """About 1 s, doubling with each attempt, at most 30 s; jittered so runners spread out."""
+    base = min(RETRY_DELAY[0] * 2.0 ** (attempt - 1), RETRY_DELAY[1])
+    return float(min(base * random.uniform(0.75, 1.25), RETRY_DELAY[1]))
+
+
+def _raise_if_lock_lost(
+    failure: MigrationFailed, conn: psycopg.Connection[Any], watch: Any
+) -> None:
+    """A failure caused by the lock session's end is one thing to report: the lost lock."""
+    from prosaas_migrate.migrations import LockGoneBeforeCommit
+
+    gone = conn.closed or conn.broken
+    vetoed = isinstance(failure.original, LockGoneBeforeCommit)
+    if not (gone or vetoed or watch.lock_lost):
+        return
+    reason = watch.lock_lost or (
+        f"the lock session (pid {watch.lock_pid}) ended" if gone else str(failure.original)
+    )
+    where = f"revision {failure.revision}" if failure.revision else "the upgrade"
+    raise LockLost(
+        watch.key,
+        f"{reason}, during {where} ({failure.cause})",
+        consequence="Nothing was committed after the lock was lost: the running revision was "
+        "cancelled and rolled back. Another runner may be migrating now",
+    ) from None
 
 
 def _accounted(
@@ -267,6 +379,11 @@ def wait_for_head(
                 remaining = max(int((deadline - clock()) * 1000), 0)
                 position = reader.position(conn, min(remaining, 5000))
                 current, heads, problem = position.current, position.heads, None
+                if position.unknown:
+                    # A worker of the old image must not refuse to start because the schema
+                    # is ahead of it: the same rule as the migrating container.
+                    _settled(position, settings, locked=False)
+                    return
                 if position.at_head:
                     logs.head_reached(heads, clock() - started)
                     return
