@@ -256,9 +256,11 @@ def main() -> None:
             bench_handoff(cluster, work, rounds)
             bench_dead_runner(cluster, work, rounds)
             bench_worker_trace(work, rounds)
+            from benchmarks.busy import bench_queued_alter
             from benchmarks.lint import bench_lint  # it imports this module's helpers
 
             bench_lint(work, rounds)
+            bench_queued_alter(cluster, work, max(rounds // 3, 3))
     finally:
         cluster.destroy()
 

@@ -255,9 +255,9 @@ def _upgrade_under_lock(
                     )  # fmt: skip
                     break
                 except MigrationFailed as failure:
+                    blockers = list(watch.blockers)  # what the monitor last saw blocking it
                     watch.running(None, clock())
                     _raise_if_lock_lost(failure, conn, watch)
-                    blockers = list(watch.blockers)
                     lock_timeout = migrations.sqlstate(failure.original) == "55P03"
                     if not lock_timeout or attempt >= settings.ddl_lock_retries:
                         if lock_timeout and blockers:

@@ -305,6 +305,23 @@ def check(engine: Engine, compose_: Compose, database_url: str) -> None:
         say(f"{name}: tini (PID 1) -> {children[0][2]} (PID {children[0][0]}), nothing else")
 
 
+def rollback(compose_: Compose, database_url: str) -> None:
+    """A newer image migrated to 0004, then this one is deployed again: every service starts."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '0004'")
+    compose_("up", "-d", "--no-deps", "--no-build", *APP_SERVICES)
+    wait_until_up(compose_)
+    api = compose_.logs("prosaas-api")
+    if "The database is ahead of this image: it is at 0004" not in api:
+        raise SmokeFailure(f"the api did not say the database is ahead:\n{api}")
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+    if row != ("0004",):
+        raise SmokeFailure(f"a rollback deploy touched the version: {row}")
+    compose_("stop", "--timeout", "15")
+    say("rollback deploy (database at 0004, image at 0003): all three services started")
+
+
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="prosaas-smoke-"))
     engine = Engine(work)
@@ -328,6 +345,7 @@ def main() -> int:
             if "stopped cleanly" not in compose_.logs(name):
                 raise SmokeFailure(f"{name} did not stop cleanly:\n{compose_.logs(name)}")
         say("compose stop: every service caught SIGTERM and stopped cleanly")
+        rollback(compose_, database_url)
         compose_("down", "--timeout", "15")
         left = engine.docker("ps", "-aq").split()
         if left:
