@@ -11,6 +11,8 @@ import click
 
 from prosaas_migrate import __version__, config, logs, runner
 from prosaas_migrate.errors import (
+    CHECK_MEANINGS,
+    EXIT_MEANINGS,
     DatabaseAhead,
     DotenvUnreadable,
     HeadNotReached,
@@ -62,6 +64,31 @@ config_option = click.option(
 )
 
 
+def _plain(text: str) -> str:
+    return text.replace("`", "")  # the table's meanings are Markdown for the README
+
+
+class _RunCommand(click.Command):
+    """`run`, whose help lists every setting and exit code from the tables in the code: the
+    README is not in the image, so inside a container this is where a user looks."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [
+            (s.name, f"{_plain(s.meaning)} [default: {s.default or 'unset'}]")
+            for s in config.SETTINGS
+        ]
+        with formatter.section("Configuration (environment; a ./.env file fills in what is unset)"):
+            formatter.write_dl(rows)
+        with formatter.section("Exit codes (before exec; then the service's own)"):
+            formatter.write_dl([(str(int(c)), _plain(m)) for c, m in EXIT_MEANINGS.items()])
+
+
+class _StatusCommand(click.Command):
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Exit codes with --check"):
+            formatter.write_dl([(str(int(c)), _plain(m)) for c, m in CHECK_MEANINGS.items()])
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="prosaas-migrate")
 def main() -> None:
@@ -77,7 +104,10 @@ def main() -> None:
     _tolerate_unencodable_output()
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@main.command(
+    cls=_RunCommand,
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
 @config_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(config_path: str | None, command: tuple[str, ...]) -> NoReturn:
@@ -114,13 +144,13 @@ def run(config_path: str | None, command: tuple[str, ...]) -> NoReturn:
     sys.exit(code)
 
 
-@main.command()
+@main.command(cls=_StatusCommand)
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @click.option(
     "--check",
     is_flag=True,
-    help="Exit 1 if migrations are pending, 3 if unreachable, 2 if misconfigured.",
+    help="Exit with what it found (see below), for CI jobs and health checks.",
 )
 def status(config_path: str | None, as_json: bool, check: bool) -> NoReturn:
     """Show configuration, revisions and the lock, without changing anything.

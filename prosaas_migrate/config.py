@@ -186,8 +186,9 @@ SETTINGS: tuple[Setting, ...] = (
         "MIGRATION_LOCK_KEY",
         str(DEFAULT_LOCK_KEY),
         parse_lock_key,
-        "signed 64-bit advisory-lock key; by default derived from the version table's "
-        "schema-qualified name (see below)",
+        "signed 64-bit advisory-lock key; the default is derived from the version table's "
+        "schema-qualified name, so histories with their own version tables never block each "
+        "other",
     ),
     Setting(
         "DATABASE_URL",

@@ -21,6 +21,22 @@ class ExitCode(IntEnum):
     SIGTERM = 128 + signal.SIGTERM
 
 
+# What each code means, for `run --help` and the README (a test keeps all three in step).
+EXIT_MEANINGS = {
+    ExitCode.OK: "done, no command given",
+    ExitCode.MIGRATION_FAILED: "a migration failed, the scripts cannot be loaded, the database "
+    "refused a read (no privilege), or the lock was lost",
+    ExitCode.USAGE: "configuration or usage error (including a transaction-pooling URL for "
+    "migrating)",
+    ExitCode.UNREACHABLE: "database unreachable within the wait budget",
+    ExitCode.NOT_AT_HEAD: "waited for the schema to reach head and it did not (opt-in wait)",
+    ExitCode.NOT_EXECUTABLE: "command not executable",
+    ExitCode.NOT_FOUND: "command not found",
+    ExitCode.SIGINT: "interrupted by SIGINT",
+    ExitCode.SIGTERM: "interrupted by SIGTERM",
+}
+
+
 class CheckCode(IntEnum):
     """What `status --check` exits with: never "pending" when it could not tell."""
 
@@ -29,6 +45,18 @@ class CheckCode(IntEnum):
     MISCONFIGURED = 2  # a bad variable, or a project Alembic cannot load
     UNKNOWN = 3  # could not tell: database unreachable, no privilege, version table locked
     AHEAD = 5  # the database is at a revision these scripts do not know (a rollback deploy?)
+
+
+CHECK_MEANINGS = {
+    CheckCode.AT_HEAD: "at head",
+    CheckCode.PENDING: "migrations are pending",
+    CheckCode.MISCONFIGURED: "misconfigured: an invalid variable, an unreadable `.env`, or a "
+    "project Alembic cannot load",
+    CheckCode.UNKNOWN: "could not tell: the database is unreachable, or its version table "
+    "unreadable (no privilege) or locked by a running migration for more than 5 s",
+    CheckCode.AHEAD: "the database is at a revision these scripts do not know: a newer image "
+    "migrated (a rollback deploy?)",
+}
 
 
 class MigrateError(Exception):

@@ -101,6 +101,7 @@ def _configuration(
                 "source": source,
                 "error": error and str(error),
                 "note": note,
+                "meaning": setting.meaning.replace("`", ""),
             }
         )
     decision_error = next((str(bad[name]) for name in config.RUN_VARIABLES if name in bad), None)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from prosaas_migrate import __version__
 from prosaas_migrate.cli import main
+from prosaas_migrate.config import SETTINGS
+from prosaas_migrate.errors import CHECK_MEANINGS, EXIT_MEANINGS
 
 
 class Exec(Exception):
@@ -60,3 +63,40 @@ def test_an_unknown_option_is_a_usage_error_not_a_service() -> None:
 def test_an_unknown_command_is_a_usage_error() -> None:
     result = CliRunner().invoke(main, ["migrate"])
     assert result.exit_code == 2
+
+
+def words(text: str) -> str:
+    return " ".join(text.replace("`", "").split())
+
+
+def test_run_help_lists_every_setting_and_exit_code_from_the_tables() -> None:
+    # The README is not in the image: inside a container, `run --help` is the documentation.
+    result = CliRunner().invoke(main, ["run", "--help"], terminal_width=100)
+    assert result.exit_code == 0, result.output
+    text = words(result.output)
+    for setting in SETTINGS:
+        assert setting.name in text
+        assert words(setting.meaning) in text, setting.name
+    for code, meaning in EXIT_MEANINGS.items():
+        assert f"{int(code)} {words(meaning)}" in text
+
+
+def test_status_help_lists_the_check_codes() -> None:
+    result = CliRunner().invoke(main, ["status", "--help"], terminal_width=100)
+    text = words(result.output)
+    for code, meaning in CHECK_MEANINGS.items():
+        assert f"{int(code)} {words(meaning)}" in text
+
+
+@pytest.mark.parametrize(
+    "args", [["--help"], ["run", "--help"], ["status", "--help"], ["worker-trace", "--help"]]
+)
+def test_help_never_reads_dotenv(tmp_path: Path, args: list[str]) -> None:
+    (tmp_path / ".env").write_bytes(b"RUN_MIGRATIONS=\xff\n")  # not UTF-8
+    previous = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        result = CliRunner().invoke(main, args)
+    finally:
+        os.chdir(previous)
+    assert result.exit_code == 0, result.output

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from prosaas_migrate.config import KNOWN_VARIABLES, SETTINGS, default_lock_key
-from prosaas_migrate.errors import CheckCode, ExitCode
+from prosaas_migrate.errors import CHECK_MEANINGS, EXIT_MEANINGS, CheckCode, ExitCode
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
@@ -70,3 +70,14 @@ def test_the_lint_rule_table_matches_the_rules() -> None:
     documented = {row[0].strip("`"): row[1].split(" (")[0] for row in rows}
     assert documented == {name: rule.lock or "none" for name, rule in RULES.items()}
     assert [row[0].strip("`") for row in rows] == list(RULES)  # the same order, too
+
+
+def test_exit_code_meanings_are_the_ones_in_the_code() -> None:
+    rows = table_after("Exit codes")
+    assert {int(code): meaning for code, meaning in rows} == {
+        int(code): meaning for code, meaning in EXIT_MEANINGS.items()
+    }
+    section = README.split("With `--check`", 1)[1].split("`--json` prints", 1)[0]
+    check_rows = [line for line in section.splitlines() if line.startswith("| ")][1:]
+    documented = {int(row.split("|")[1]): row.split("|")[2].strip() for row in check_rows}
+    assert documented == {int(code): meaning for code, meaning in CHECK_MEANINGS.items()}

@@ -145,7 +145,7 @@ JSON_FIELDS = {
     "": {"version", "configuration", "alembic", "database", "revisions", "lock", "lint"},
     "configuration": {"settings", "run", "dotenv_error", "errors"},
     "configuration.run": {"migrate", "decided_by", "value", "error"},
-    "configuration.settings[]": {"name", "value", "source", "error", "note"},
+    "configuration.settings[]": {"name", "value", "source", "error", "note", "meaning"},
     "alembic": {"config", "config_source", "script_location", "fast_path", "error"},
     "database": {"reachable", "url", "url_source", "server_version", "error"},
     "revisions": {"current", "heads", "pending", "at_head", "unknown", "error"},
@@ -273,3 +273,46 @@ def test_colour_only_on_a_terminal_and_never_with_no_color(
     output = b"".join(chunks).decode()
     assert "Configuration" in output
     assert ("\x1b[" in output) is coloured
+
+
+def test_status_judges_only_the_url_run_would_migrate_with(app: Path, db_url: str) -> None:
+    # The Secret layout docs/kubernetes.md recommends: the app's own driver in DATABASE_URL.
+    env = {
+        "MIGRATION_DATABASE_URL": db_url,
+        "DATABASE_URL": "postgresql+asyncpg://app:s3cr3t@pgbouncer:6432/app",
+    }
+    code, report = as_json(app, env, "--check")
+    assert code == 1, report  # pending: it read the database, nothing is misconfigured
+    assert report["configuration"]["errors"] == []
+    rows = {row["name"]: row for row in report["configuration"]["settings"]}
+    assert rows["DATABASE_URL"]["note"] == "not used for migrating: MIGRATION_DATABASE_URL wins"
+    assert rows["DATABASE_URL"]["error"] is None
+    assert report["database"]["url_source"] == "MIGRATION_DATABASE_URL"
+    assert "s3cr3t" not in json.dumps(report)
+
+
+def test_an_unreadable_dotenv_is_reported_and_status_goes_on(app: Path, db_url: str) -> None:
+    (app / ".env").write_bytes(b"MIGRATION_LOCK_WAIT_SECONDS=5\nSERVICE_ROLE=\xff\n")
+    result = status(app, {"DATABASE_URL": db_url}, "--json", "--check")
+    assert result.returncode == 2  # misconfigured, and said
+    report = json.loads(result.stdout)  # the document is there all the same
+    assert "cannot read" in report["configuration"]["dotenv_error"]
+    assert report["configuration"]["errors"][0] == report["configuration"]["dotenv_error"]
+    assert report["database"]["reachable"] is True
+    assert report["revisions"]["pending"] is not None
+    text = status(app, {"DATABASE_URL": db_url})
+    assert text.returncode == 0 and " .env cannot read" in squeezed(text.stdout)
+    (app / "worker.log").write_text("")
+    trace = cli(["worker-trace", "worker.log"], {}, app)  # needs no .env at all
+    assert trace.returncode == 0, trace.stderr
+    run = cli(["run", "--", "true"], {"RUN_MIGRATIONS": "0"}, app)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert "cannot read" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_the_lock_key_is_a_string_in_json(app: Path, db_url: str) -> None:
+    # 7214607257041625889 > 2**53: jq and JavaScript would read the number as ...6000.
+    _, report = as_json(app, {"DATABASE_URL": db_url})
+    assert report["lock"]["key"] == str(config.DEFAULT_LOCK_KEY)
+    _, report = as_json(app, {"DATABASE_URL": db_url, "MIGRATION_LOCK_KEY": "-9"})
+    assert report["lock"]["key"] == "-9"
