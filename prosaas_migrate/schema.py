@@ -81,14 +81,16 @@ class Reader:
 
     def position(self, conn: psycopg.Connection[Any], timeout_ms: int) -> Position:
         """Read-only; every statement and lock wait ends within `timeout_ms` (VersionTableBusy)."""
-        from prosaas_migrate import database, migrations
+        from prosaas_migrate import database
 
         graph = self.goal.graph
-        if graph is not None:
+        if graph is not None:  # the fast path: no Alembic, no SQLAlchemy
             with database.bounded(conn, timeout_ms):
                 current = database.current_revisions(conn)
             unknown = tuple(r for r in current if r not in graph.revisions)
             return Position(current, graph.heads, current == graph.heads, unknown)
+        from prosaas_migrate import migrations
+
         cfg, script, _ = self.alembic
         states = migrations.read_versions(
             cfg, script, conn, self.goal.info, timeout=max(timeout_ms, 50) / 1000

@@ -96,6 +96,18 @@ def test_disabled_path_execs_at_once_without_connecting_or_importing_drivers(
     assert nobody_connected(sock)
 
 
+def test_a_restart_at_head_imports_neither_alembic_nor_sqlalchemy(app: Path, db_url: str) -> None:
+    # The fast path exists for restarts on a current schema: importing Alembic costs ~350 ms.
+    assert cli(["run"], enabled(db_url), app).returncode == 0
+    result = cli(["run", "--", *SERVICE], enabled(db_url, PYTHONPROFILEIMPORTTIME="1"), app)
+    assert result.returncode == 0, result.stderr
+    assert "Schema is current at r003: nothing to migrate (lock not needed)" in result.stderr
+    imported = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+    assert any(" psycopg" in line for line in imported)  # the profile is real
+    for heavy in ("sqlalchemy", "alembic", "pglast"):
+        assert not [line for line in imported if f" {heavy}" in line], heavy
+
+
 # -- configuration errors --------------------------------------------------------------------
 
 
