@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+from contextlib import suppress
 from typing import NoReturn, TextIO
 
 import click
@@ -125,7 +126,13 @@ def run(config_path: str | None, command: tuple[str, ...]) -> NoReturn:
     """
     if command and command[0].startswith("-"):
         # Unknown options land in COMMAND; no service's name starts with a dash.
-        raise click.UsageError(f"no such option: {command[0]} (put the service after --)")
+        message = f"no such option: {command[0]} (put the service after --)"
+        with suppress(MigrateError):
+            if config.log_format(os.environ) == "json":  # then every line is JSON, this too
+                logs.configure("json")
+                logs.error(message)
+                sys.exit(2)
+        raise click.UsageError(message)
     try:
         # The format first, so that every later line, config errors included, is in it.
         logs.configure(config.log_format(os.environ))
@@ -139,7 +146,7 @@ def run(config_path: str | None, command: tuple[str, ...]) -> NoReturn:
         _report(exc)
         sys.exit(exc.exit_code)
     except Interrupted as exc:
-        logs.interrupted(exc.signal_name)
+        logs.interrupted(exc.signal_name, after_commit=exc.after_commit)
         sys.exit(exc.exit_code)
     sys.exit(code)
 
@@ -277,7 +284,7 @@ def lint(config_path: str | None, since: str | None, as_json: bool) -> NoReturn:
 
 def _report(exc: MigrateError) -> None:
     if isinstance(exc, MigrationFailed):
-        logs.migration_failed(exc.revision, exc.cause, exc.rolled_back, exc.committed)
+        logs.migration_failed(exc.revision, exc.cause, exc.rolled_back, exc.committed, exc.partly)
     elif isinstance(exc, LockLost):
         logs.lock_lost(exc.key, exc.reason, exc.consequence)
     elif not isinstance(exc, HeadNotReached | TransactionPooling | DatabaseAhead):

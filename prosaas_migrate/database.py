@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import psycopg
@@ -25,6 +25,7 @@ from prosaas_migrate.errors import (
 # libpq's connect_timeout: at least 2 s (it treats less as 2), and short, so that one attempt
 # never eats the whole wait budget while the server is still starting.
 _ATTEMPT_TIMEOUT_SECONDS = 3
+_MIN_ATTEMPT_SECONDS = 0.5  # even with no budget left: one real try
 _RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0)
 # Notice a vanished peer within seconds, both ways: libpq's keepalives tell us the server is
 # gone; the server's (tcp_keepalives_*) and client_connection_check_interval tell it that a
@@ -53,6 +54,42 @@ VersionTable = tuple[str | None, str]  # (schema or None = search_path, table)
 DEFAULT_TABLE: VersionTable = (None, "alembic_version")
 
 
+class NoAnswer(Exception):
+    """The server (or a pooler in front of it) did not answer within the time it was given."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        super().__init__(f"no answer within {seconds:.1f}s")
+
+
+@contextmanager
+def answering_within(seconds: float) -> Iterator[None]:
+    """Raise NoAnswer if the block is still waiting on the network after `seconds`.
+
+    Server-side timeouts cannot bound everything: a query queued in PgBouncer for a free server,
+    or a server that accepts a connection and never answers. A real-time timer interrupts the
+    wait (psycopg waits in Python, so the signal's exception surfaces there); the connection
+    is then unusable and must be closed. Main thread only; elsewhere it does nothing.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(_signum: int, _frame: object) -> None:
+        raise NoAnswer(seconds)
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def application_name(hostname: str) -> str:
     """The name every connection carries, so a waiting container can say who holds the lock."""
     return f"prosaas-migrate:{hostname}"
@@ -75,14 +112,17 @@ def connect(
     attempt = 0
     while True:
         attempt += 1
+        # Each attempt ends with the budget (libpq's own connect_timeout is at least 2 s).
+        allowed = min(max(deadline - clock(), _MIN_ATTEMPT_SECONDS), _ATTEMPT_TIMEOUT_SECONDS)
         try:
-            return psycopg.connect(
-                info.text,
-                autocommit=True,
-                connect_timeout=_ATTEMPT_TIMEOUT_SECONDS,
-                **_KEEPALIVES,
-            )
-        except psycopg.OperationalError as exc:
+            with answering_within(allowed):
+                return psycopg.connect(
+                    info.text,
+                    autocommit=True,
+                    connect_timeout=_ATTEMPT_TIMEOUT_SECONDS,
+                    **_KEEPALIVES,
+                )
+        except (psycopg.OperationalError, NoAnswer) as exc:
             reason = one_line(exc, info)
             remaining = deadline - clock()
             if remaining <= 0:
@@ -109,6 +149,14 @@ def set_session(dbapi_connection: Any, settings: Mapping[str, str]) -> tuple[int
     try:
         cursor = dbapi_connection.cursor()
         try:
+            if "statement_timeout" in settings:
+                # First and alone: a tiny statement_timeout set on the database or role (1ms)
+                # must not cancel the statement that sets ours.
+                cursor.execute(
+                    "SELECT set_config('statement_timeout', %s, false)",
+                    [settings["statement_timeout"]],
+                )
+                cursor.fetchall()
             cursor.execute(
                 "SELECT set_config(s.name, s.value, false)"
                 " FROM unnest(%s::text[], %s::text[]) AS s(name, value)"
@@ -116,9 +164,11 @@ def set_session(dbapi_connection: Any, settings: Mapping[str, str]) -> tuple[int
                 [list(settings), list(settings.values())],
             )
             cursor.fetchall()
+            # Which server: over a Unix socket the address is NULL, so the start time of the
+            # postmaster tells two servers apart.
             cursor.execute(
                 "SELECT pg_backend_pid(), current_database(), host(inet_server_addr()),"
-                " inet_server_port(), current_setting('port')"
+                " inet_server_port(), current_setting('port'), pg_postmaster_start_time()"
             )
             row = cursor.fetchone()
         finally:
@@ -156,7 +206,8 @@ def bounded(conn: psycopg.Connection[Any], timeout_ms: int) -> Iterator[psycopg.
     """
     limit = str(max(timeout_ms, MIN_READ_TIMEOUT_MS))
     try:
-        with conn.transaction():
+        conn.execute("BEGIN")
+        try:
             conn.execute(
                 "SELECT set_config('statement_timeout', %s, true),"
                 " set_config('lock_timeout', %s, true),"
@@ -164,6 +215,13 @@ def bounded(conn: psycopg.Connection[Any], timeout_ms: int) -> Iterator[psycopg.
                 [limit, limit],
             )
             yield conn
+        except NoAnswer:
+            raise  # the connection is mid-query: unusable, the caller closes it
+        except BaseException:
+            if not conn.broken:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
     except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
         raise VersionTableBusy(int(limit), one_line(exc)) from None
     except psycopg.OperationalError as exc:
@@ -185,7 +243,16 @@ def current_revisions(
     Alembic finds it); none when there is no version table yet."""
     schema, name = table
     qualified = sql.Identifier(schema, name) if schema else sql.Identifier(name)
-    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [qualified.as_string(conn)]).fetchone()
+    row = conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL, current_schema() IS NOT NULL",
+        [qualified.as_string(conn)],
+    ).fetchone()
+    if row and not row[0] and not schema and not row[1]:
+        # No schema on the search_path is usable (USAGE revoked): the table may well exist,
+        # unseen; "no version table" would be a guess, and a wrong one says "pending".
+        raise DatabaseError(
+            f"reading {name}", "no schema on the search_path is usable (no USAGE privilege)"
+        )
     if not (row and row[0]):
         return ()
     try:
@@ -218,9 +285,12 @@ def transaction_pooling(
     if _dialled_server(conn):
         return None
     other = psycopg.connect(info.text, connect_timeout=_ATTEMPT_TIMEOUT_SECONDS, autocommit=True)
+    abandoned = False
     try:
         for mine_frees_first in (True, False):
-            answer = _probe_round(conn, other, mine_frees_first=mine_frees_first, timeout=timeout)
+            answer, abandoned = _probe_round(
+                conn, other, mine_frees_first=mine_frees_first, timeout=timeout
+            )
             if answer is not None:
                 return answer
     except psycopg.Error as exc:
@@ -229,10 +299,14 @@ def transaction_pooling(
             raise
         return f"it refused a transaction block: {one_line(exc, info)}"
     finally:
-        for connection in (conn, other):
-            if connection.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS:
-                connection.execute("ROLLBACK")
-        other.close()
+        with suppress(psycopg.Error):  # an interrupted probe leaves conn mid-query: closed later
+            if conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS:
+                conn.execute("ROLLBACK")
+        if not abandoned:  # else another thread still waits in it: left to the process's end
+            with suppress(psycopg.Error):
+                if other.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS:
+                    other.execute("ROLLBACK")
+            other.close()
     return None
 
 
@@ -242,7 +316,8 @@ def _probe_round(
     *,
     mine_frees_first: bool,
     timeout: float,
-) -> str | None:
+) -> tuple[str | None, bool]:
+    """(why it is not a session, or None; whether `other` had to be abandoned)."""
     import threading
 
     conn.execute("BEGIN")
@@ -260,13 +335,15 @@ def _probe_round(
     worker.start()
     worker.join(timeout)
     if worker.is_alive():
-        # The pool has no second server session for it while we hold one: too small to tell
-        # (and to migrate through: env.py and the progress monitor need their own sessions).
+        # No second server session for it while we hold one: a pool too small or too busy
+        # (a session pool waits for a client to leave, up to PgBouncer's query_wait_timeout).
+        # env.py's engine and the monitor need sessions of their own, so it cannot work here.
+        # The waiting client is left to its thread: closing it under that thread is unsafe.
         conn.execute("COMMIT")
-        worker.join()
         return (
             f"a second connection got no server session within {timeout:.0f}s while this one "
-            "held a transaction (the pool is too small to check)"
+            "held one: the pool is too small or too busy to migrate through",
+            True,
         )
     if failure:
         raise failure[0]
@@ -277,9 +354,10 @@ def _probe_round(
     if after != before:
         return (
             f"consecutive transactions of one client ran in different server sessions "
-            f"(pid {before}, then {after})"
+            f"(pid {before}, then {after})",
+            False,
         )
-    return None
+    return None, False
 
 
 def _backend_pid(conn: psycopg.Connection[Any]) -> int:

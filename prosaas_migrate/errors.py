@@ -164,12 +164,14 @@ class MigrationFailed(MigrateError):
         *,
         rolled_back: Sequence[str] = (),
         committed: Sequence[str] = (),
+        partly: Sequence[str] = (),
         original: BaseException | None = None,
     ) -> None:
         self.revision = revision
         self.cause = cause
         self.rolled_back = tuple(rolled_back)  # revisions that ran and are not in the database
         self.committed = tuple(committed)  # revisions of this upgrade that stayed committed
+        self.partly = tuple(partly)  # revisions whose autocommit_block work stays committed
         self.original = original
         where = f"revision {revision}" if revision else "upgrade"
         super().__init__(f"{where} failed: {cause}")
@@ -265,4 +267,5 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
         self.signal_name = signal.Signals(signum).name
         self.exit_code = 128 + signum
+        self.after_commit = False  # set by the runner: the upgrade had committed already
         super().__init__(f"interrupted by {self.signal_name}")

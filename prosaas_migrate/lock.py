@@ -45,13 +45,14 @@ SELECT EXISTS (
 
 @dataclass(frozen=True)
 class Holder:
-    """The session that holds the lock, as pg_stat_activity shows it."""
+    """The session that holds the lock, as pg_stat_activity shows it. For another role's
+    session, without pg_read_all_stats, PostgreSQL hides all but the pid: those fields are None."""
 
     pid: int
-    application_name: str
+    application_name: str | None
     client_addr: str | None
-    connected_since: datetime
-    connected_for: float
+    connected_since: datetime | None
+    connected_for: float | None
     state: str | None
     state_for: float | None
 
@@ -61,17 +62,21 @@ class Holder:
             "pid": self.pid,
             "application_name": self.application_name,
             "client_addr": self.client_addr,
-            "connected_since": self.connected_since.isoformat(),
-            "connected_seconds": round(self.connected_for, 1),
+            "connected_since": self.connected_since and self.connected_since.isoformat(),
+            "connected_seconds": None
+            if self.connected_for is None
+            else round(self.connected_for, 1),
             "state": self.state,
             "state_seconds": None if self.state_for is None else round(self.state_for, 1),
         }
 
     def describe(self) -> str:
+        if self.connected_since is None:
+            return f"pid {self.pid} (another role's session: its details are hidden from this one)"
         where = self.client_addr or "local socket"
         text = (
             f"pid {self.pid} ({self.application_name or 'no application_name'}, {where}), "
-            f"connected {self.connected_for:.0f}s"
+            f"connected {self.connected_for or 0:.0f}s"
         )
         if self.state:
             text += f", {self.state}"

@@ -194,8 +194,8 @@ def statement_timeout_set(value: str) -> None:
     )
 
 
-def ddl_lock_timeout_set(value: str, retries: int) -> None:
-    if value.strip() in ("0", "0ms", "0s"):
+def ddl_lock_timeout_set(value: str, ms: int, retries: int) -> None:
+    if ms == 0:
         line = "⚠️ lock_timeout is off for migration connections (MIGRATION_DDL_LOCK_TIMEOUT=0)"
     else:
         line = (
@@ -264,7 +264,8 @@ def ddl_lock_retry(
         "ddl_lock_retry",
         [
             f"⏳ Lock timeout in {where} (attempt {attempt} of {retries + 1}): blocked by {who}",
-            f"   Rolled back; trying again in {delay:.1f}s (the app's queries were not held up)",
+            f"   Rolled back; trying again in {delay:.1f}s (meanwhile the app's queries on that "
+            "table wait no longer than the lock timeout)",
         ],
         level="warning",
         revision=revision,
@@ -335,10 +336,12 @@ def pooler_refused(reason: str) -> None:
     _emit(
         "transaction_pooling_refused",
         [
-            f"❌ Refusing to migrate through a transaction-pooling connection pooler: {reason}",
-            "   An advisory lock is held by a session; under transaction pooling it would land on",
-            "   one server connection and its unlock on another. Set MIGRATION_DATABASE_URL to",
-            "   connect straight to PostgreSQL (or use a session-pooling PgBouncer database).",
+            f"❌ Refusing to migrate through this connection pooler: {reason}",
+            "   An advisory lock is held by a server session from lock to unlock, and the",
+            "   upgrade needs sessions of its own; transaction (or statement) pooling would take",
+            "   the lock on one server connection and release it on another. Set",
+            "   MIGRATION_DATABASE_URL to connect straight to PostgreSQL (or use a",
+            "   session-pooling PgBouncer database with room for a few more clients).",
         ],
         level="error",
         reason=reason,
@@ -442,6 +445,7 @@ def migration_failed(
     error: str,
     rolled_back: Sequence[str] = (),
     committed: Sequence[str] = (),
+    partly: Sequence[str] = (),
 ) -> None:
     where = f"revision {revision}" if revision else "the upgrade"
     lines = [f"❌ MIGRATION FAILED in {where}: {error}"]
@@ -451,6 +455,11 @@ def migration_failed(
         )
     else:
         lines.append("   Rolled back")
+    if partly:
+        lines.append(
+            f"   Except what {', '.join(partly)} ran outside a transaction (autocommit_block): "
+            "that was committed as it ran and stays"
+        )
     if committed:
         lines.append(f"   Committed before the failure, and kept: {', '.join(committed)}")
     lines.append("   The service is not started")
@@ -462,6 +471,7 @@ def migration_failed(
         error=error,
         rolled_back=list(rolled_back),
         committed=list(committed),
+        partly_applied=list(partly),
     )
 
 
@@ -475,6 +485,18 @@ def version_table_busy(waited: float, cause: str) -> None:
         level="warning",
         waited_seconds=round(waited, 1),
         reason=cause,
+    )
+
+
+def no_answer(waited: float) -> None:
+    _emit(
+        "no_answer",
+        [
+            f"⏳ The database did not answer within {waited:.1f}s (a pooler's queue full of "
+            "busy servers, or a server that hangs)"
+        ],
+        level="warning",
+        waited_seconds=round(waited, 1),
     )
 
 
@@ -494,12 +516,20 @@ def no_command() -> None:
     _emit("no_command", ["✅ No service command given: exiting 0"])
 
 
-def interrupted(signal_name: str) -> None:
+def interrupted(signal_name: str, *, after_commit: bool = False) -> None:
+    if after_commit:
+        line = (
+            f"🛑 Interrupted by {signal_name} after the migrations were committed: "
+            "not starting the service, exiting"
+        )
+    else:
+        line = f"🛑 Interrupted by {signal_name} before the service started: rolled back, exiting"
     _emit(
         "interrupted",
-        [f"🛑 Interrupted by {signal_name} before the service started: rolled back, exiting"],
+        [line],
         level="warning",
         signal=signal_name,
+        after_commit=after_commit,
     )
 
 

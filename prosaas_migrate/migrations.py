@@ -22,7 +22,6 @@ from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext, MigrationStep
 from alembic.script import Script, ScriptDirectory
-from alembic.util import CommandError
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import Pool, StaticPool
@@ -43,6 +42,21 @@ if TYPE_CHECKING:
 
 OnConnect = Callable[[Any], None]  # a DB-API connection any engine has just opened
 OnStep = Callable[[str | None], None]  # the revision now running (None: between revisions)
+
+
+def _nothing(*_args: Any) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What the runner wants to hear from every SQLAlchemy engine env.py uses."""
+
+    on_connect: OnConnect = _nothing  # a DB-API connection was opened
+    on_close: Callable[[Any], None] = _nothing  # ... was closed
+    on_statement: Callable[[Any], None] = _nothing  # ... is about to run a statement
+    before_commit: BeforeCommit | None = None  # raise to veto the commit
+    on_step: OnStep = _nothing
 
 
 class LockGoneBeforeCommit(Exception):
@@ -91,11 +105,16 @@ def script_directory(cfg: Config) -> ScriptDirectory:
     """The scripts, every revision file loaded now, so that a broken one is named here."""
     try:
         script = ScriptDirectory.from_config(cfg)
-    except CommandError as exc:
-        raise ConfigError("ALEMBIC_CONFIG", cfg.config_file_name, str(exc)) from None
+    except Exception as exc:  # CommandError, or a malformed [tool.alembic] value (TypeError)
+        where = cfg.config_file_name or cfg.toml_file_name
+        raise ConfigError(
+            "ALEMBIC_CONFIG", where, f"a usable Alembic config ({describe(exc)})"
+        ) from None
     try:
-        script.revision_map.heads  # noqa: B018 - loads (and so checks) every revision file
-    except Exception as exc:
+        # Loading runs the revision modules: what they print is the project's output too.
+        with logs.foreign_output_as_events("revisions"):
+            script.revision_map.heads  # noqa: B018 - loads (and so checks) every revision file
+    except (Exception, SystemExit) as exc:
         raise ProjectBroken(_where(exc, script.dir), describe(exc)) from None
     return script
 
@@ -110,6 +129,18 @@ def known(script: ScriptDirectory, revision: str) -> bool:
         return script.revision_map.get_revision(revision) is not None
     except Exception:
         return False
+
+
+def resolved(script: ScriptDirectory, current: tuple[str, ...]) -> tuple[str, ...]:
+    """The recorded ids as Alembic reads them (a unique prefix stands for the whole id)."""
+    full = []
+    for revision in current:
+        try:
+            found = script.revision_map.get_revision(revision)
+        except Exception:
+            found = None
+        full.append(found.revision if found is not None else revision)
+    return tuple(sorted(full))
 
 
 def pending(script: ScriptDirectory, current: tuple[str, ...]) -> list[Script]:
@@ -131,25 +162,34 @@ def committed(script: ScriptDirectory, current: tuple[str, ...]) -> set[str]:
 
 @contextmanager
 def _session(
-    conn: psycopg.Connection[Any],
-    info: ConnInfo | None,
-    on_connect: OnConnect,
-    before_commit: BeforeCommit | None = None,
+    conn: psycopg.Connection[Any], info: ConnInfo | None, hooks: Hooks
 ) -> Iterator[Connection]:
     """A SQLAlchemy Connection over `conn`, with hooks on every engine env.py may create."""
     conn.autocommit = False
     url = sqlalchemy_url(info) if info is not None else "postgresql+psycopg://"
     engine = create_engine(url, creator=lambda: conn, poolclass=StaticPool)
 
-    def session_setup(dbapi_connection: Any, _record: Any) -> None:
-        on_connect(dbapi_connection)
+    def opened(dbapi_connection: Any, _record: Any) -> None:
+        hooks.on_connect(dbapi_connection)
+
+    def closed(dbapi_connection: Any, _record: Any) -> None:
+        hooks.on_close(dbapi_connection)
+
+    def statement(connection: Connection, *_args: Any) -> None:
+        hooks.on_statement(connection.connection.dbapi_connection)
 
     def commit_guard(connection: Connection) -> None:
-        if before_commit is not None:
-            before_commit(connection)
+        if hooks.before_commit is not None:
+            hooks.before_commit(connection)
 
-    event.listen(Pool, "connect", session_setup)
-    event.listen(Engine, "commit", commit_guard)
+    listeners: list[tuple[Any, str, Callable[..., None]]] = [
+        (Pool, "connect", opened),
+        (Pool, "close", closed),
+        (Engine, "before_cursor_execute", statement),
+        (Engine, "commit", commit_guard),
+    ]
+    for target, name, listener in listeners:
+        event.listen(target, name, listener)
     try:
         with engine.connect() as connection:
             yield connection
@@ -158,8 +198,8 @@ def _session(
             if connection.in_transaction():
                 connection.commit()
     finally:
-        event.remove(Engine, "commit", commit_guard)
-        event.remove(Pool, "connect", session_setup)
+        for target, name, listener in listeners:
+            event.remove(target, name, listener)
         if not conn.closed:
             if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 conn.rollback()
@@ -200,13 +240,13 @@ def read_versions(
     try:
         with (
             logs.foreign_output_as_events("env.py"),
-            _session(conn, info, opened.append) as connection,
+            _session(conn, info, Hooks(on_connect=opened.append)) as connection,
         ):
             cfg.attributes["connection"] = connection
             with EnvironmentContext(cfg, script, fn=record, as_sql=False, dont_mutate=True):
                 script.run_env()
             connection.rollback()
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         cause = getattr(exc, "orig", None) or exc
         if isinstance(cause, psycopg.errors.LockNotAvailable | psycopg.errors.QueryCanceled):
             raise VersionTableBusy(int(timeout * 1000), describe(exc, info)) from None
@@ -234,20 +274,18 @@ def upgrade(
     script: ScriptDirectory,
     info: ConnInfo | None,
     done: Upgrade,
-    *,
-    on_connect: OnConnect,
-    before_commit: BeforeCommit | None = None,
-    on_step: OnStep | None = None,
+    hooks: Hooks,
 ) -> None:
     """Run `alembic upgrade head` with `conn` (the locked connection) offered to env.py.
 
-    `done` records what ran, as it runs; MigrationFailed names the revision that failed.
+    `done` records what ran, as it runs; MigrationFailed names the revision that failed. An
+    env.py that calls sys.exit() is a failure too, never a way out of the runner.
     """
-    tracker = _StepTracker(script, done, on_step or (lambda _revision: None))
+    tracker = _StepTracker(script, done, hooks.on_step)
     try:
         with (
             logs.foreign_output_as_events("env.py"),
-            _session(conn, info, on_connect, before_commit) as connection,
+            _session(conn, info, hooks) as connection,
         ):
             cfg.attributes["connection"] = connection
             with EnvironmentContext(
@@ -255,7 +293,7 @@ def upgrade(
             ):
                 script.run_env()
         tracker.finish()
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise MigrationFailed(done.running, describe(exc, info), original=exc) from exc
     finally:
         cfg.attributes.pop("connection", None)

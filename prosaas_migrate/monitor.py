@@ -1,10 +1,11 @@
 """Watches a running upgrade from a second, short-query connection of the migrating container.
 
-Every few tenths of a second it checks that the lock session still holds the advisory lock (if
-not, it cancels the migration's statements, so nothing commits after the lock is gone) and
-samples what blocks the migration's backends; every few seconds of a long revision it logs what
-the revision is doing, who blocks it, and the progress PostgreSQL reports. Its own failures are
-logged once and it stops: watching must never fail or slow down the migration.
+While a revision runs, every tenth of a second it checks that the lock session
+still holds the advisory lock (if not, it cancels the migration's statements, so nothing
+commits after the lock is gone) and samples what blocks the migration's backends; every 5 s of
+a long revision it logs what the revision is doing, who blocks it, and the progress PostgreSQL
+reports. Its own failures are logged once and it stops: watching must never fail or slow down
+the migration.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from typing import Any
 from prosaas_migrate import logs
 from prosaas_migrate.conninfo import ConnInfo
 
-SAMPLE_EVERY_SECONDS = 0.2
+SAMPLE_EVERY_SECONDS = 0.1  # short lock timeouts need fast samples to catch the blocker
+CONNECT_AFTER_SECONDS = 0.0  # once a revision runs: env.py's own sessions exist by then
+MAX_BLOCKERS_SHOWN = 3
 
 _BLOCKERS_SQL = """
 SELECT b.pid, b.application_name, host(b.client_addr), b.state,
@@ -35,7 +38,7 @@ SELECT a.pid, a.wait_event_type, a.wait_event,
   FROM pg_stat_activity a
   LEFT JOIN pg_stat_progress_create_index ci ON ci.pid = a.pid
   LEFT JOIN pg_stat_progress_cluster cl ON cl.pid = a.pid
- WHERE a.pid = ANY(%s::int[]) AND a.state = 'active'
+ WHERE a.pid = ANY(%s::int[]) AND a.state = 'active' AND a.application_name = %s
  ORDER BY a.query_start
  LIMIT 1
 """
@@ -52,6 +55,8 @@ class Blocker:
     transaction_seconds: float | None
 
     def describe(self) -> str:
+        if self.state is None and self.client_addr is None:
+            return f"pid {self.pid} (another role's session: its details are hidden from ours)"
         age = (
             ""
             if self.transaction_seconds is None
@@ -80,28 +85,39 @@ class Watch:
 
     lock_pid: int
     key: int
+    app_name: str  # our sessions' application_name: only those are ever cancelled
     revision: str | None = None
     revision_started: float = 0.0
+    generation: int = 0  # a new one each time a revision starts (again, on a retry)
     blockers: list[Blocker] = field(default_factory=list)  # the last non-empty sample
     lock_lost: str | None = None
-    _pids: set[int] = field(default_factory=set)  # backends the upgrade's connections use
+    autocommitted: set[str] = field(default_factory=set)  # revisions with autocommit work
+    _pids: dict[int, int] = field(default_factory=dict)  # id(connection) -> backend pid
     _guard: threading.Lock = field(default_factory=threading.Lock)
 
     def running(self, revision: str | None, now: float) -> None:
         self.revision, self.revision_started = revision, now
+        self.generation += 1
         self.blockers = []
 
-    def add_pid(self, pid: int) -> None:
+    def opened(self, connection: object, pid: int) -> None:
         with self._guard:
-            self._pids.add(pid)
+            self._pids[id(connection)] = pid
+
+    def closed(self, connection: object) -> None:
+        # A closed session's pid may soon be someone else's (a pooler's server, a new backend).
+        with self._guard:
+            self._pids.pop(id(connection), None)
 
     def pids(self) -> list[int]:
         with self._guard:
-            return sorted(self._pids | {self.lock_pid})
+            return sorted({*self._pids.values(), self.lock_pid})
 
 
 class Monitor:
-    """A daemon thread with its own connection; start() after the lock, stop() after the upgrade."""
+    """A daemon thread with its own connection, opened only once a revision runs (where a role
+    may have only a few connections, env.py's own are made by then; if none is left, watching
+    stops with one line and the migration goes on). start() after the lock, stop() after."""
 
     def __init__(
         self,
@@ -125,28 +141,29 @@ class Monitor:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=1)  # a daemon: a connect still under way is not waited for
 
     def _run(self) -> None:
         try:
-            self._conn = self._connect()
-            next_report: float | None = None
-            reported_revision: str | None = None
+            generation, next_report = -1, 0.0
             while not self._stop.wait(SAMPLE_EVERY_SECONDS):
+                watch = self.watch
+                revision, started = watch.revision, watch.revision_started
+                now = self._clock()
+                if revision is None or now - started < CONNECT_AFTER_SECONDS:
+                    continue
+                if self._conn is None:
+                    self._conn = self._connect()
                 if self._lock_gone():
                     return
-                revision = self.watch.revision
-                if revision is None:
-                    continue
                 blockers = self._blockers()
                 if blockers:
-                    self.watch.blockers = blockers
-                now = self._clock()
-                if revision != reported_revision:
-                    reported_revision = revision
-                    next_report = self.watch.revision_started + logs.REPORT_EVERY_SECONDS
-                if next_report is not None and now >= next_report:
-                    self._report(revision, now - self.watch.revision_started, blockers)
+                    watch.blockers = blockers
+                if watch.generation != generation:
+                    generation = watch.generation
+                    next_report = started + logs.REPORT_EVERY_SECONDS
+                if now >= next_report:
+                    self._report(revision, now - started, blockers)
                     next_report = now + logs.REPORT_EVERY_SECONDS
         except Exception as exc:
             if not self._stop.is_set():
@@ -168,8 +185,11 @@ class Monitor:
         watch.lock_lost = f"the lock session (pid {watch.lock_pid}) no longer holds it"
         others = [pid for pid in watch.pids() if pid != watch.lock_pid]
         if others:
+            # Only sessions still carrying our name: a pid can be reused by another client.
             self._conn.execute(
-                "SELECT pg_cancel_backend(p) FROM unnest(%s::int[]) AS m(p)", [others]
+                "SELECT pg_cancel_backend(pid) FROM pg_stat_activity"
+                " WHERE pid = ANY(%s::int[]) AND application_name = %s",
+                [others, watch.app_name],
             )
         return True
 
@@ -178,10 +198,11 @@ class Monitor:
         return [Blocker(*row) for row in rows]
 
     def _report(self, revision: str, elapsed: float, blockers: list[Blocker]) -> None:
-        row = self._conn.execute(_ACTIVITY_SQL, [self.watch.pids()]).fetchone()
+        row = self._conn.execute(_ACTIVITY_SQL, [self.watch.pids(), self.watch.app_name]).fetchone()
         statement, waiting, progress = None, None, None
         if row:
-            _, wait_type, wait_event, statement = row[:4]
+            _, wait_type, wait_event, text = row[:4]
+            statement = without_literals(text)
             if wait_type:
                 waiting = f"{wait_type}:{wait_event}"
             progress = _progress(row[4:])
@@ -191,9 +212,25 @@ class Monitor:
             statement,
             waiting,
             progress,
-            [b.describe() for b in blockers],
-            [b.as_dict() for b in blockers],
+            describe_blockers(blockers),
+            [b.as_dict() for b in blockers[:MAX_BLOCKERS_SHOWN]],
         )
+
+
+def without_literals(statement: str | None) -> str | None:
+    """The statement up to its first quoted literal: a revision's SQL may hold a secret
+    (ALTER ROLE ... PASSWORD '...'), and the log must not."""
+    if statement is None:
+        return None
+    cut = min((i for i in (statement.find("'"), statement.find("$")) if i >= 0), default=-1)
+    return statement if cut < 0 else statement[:cut].rstrip() + " …"
+
+
+def describe_blockers(blockers: list[Blocker]) -> list[str]:
+    shown = [b.describe() for b in blockers[:MAX_BLOCKERS_SHOWN]]
+    if len(blockers) > MAX_BLOCKERS_SHOWN:
+        shown.append(f"and {len(blockers) - MAX_BLOCKERS_SHOWN} more")
+    return shown
 
 
 def _progress(row: tuple[Any, ...]) -> str | None:

@@ -169,9 +169,25 @@ def _why_unsure(
         env_source = env_py.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return f"{env_py} cannot be read"
-    if "version_table" in env_source:
-        return "env.py chooses its own version table"
+    if "version_table" in env_source or "search_path" in env_source:
+        return "env.py chooses its own version table (or search_path)"
+    if _configure_takes_unpacked_options(env_source):
+        return "env.py passes context.configure() options it builds at run time"
     return None
+
+
+def _configure_takes_unpacked_options(source: str) -> bool:
+    """Whether env.py calls configure(**options): a version table could hide in there."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return True
+    return any(
+        isinstance(node, ast.Call)
+        and any(keyword.arg is None for keyword in node.keywords)
+        and getattr(node.func, "attr", getattr(node.func, "id", None)) == "configure"
+        for node in ast.walk(tree)
+    )
 
 
 def read_graph(project: Project) -> Graph | None:
@@ -183,43 +199,83 @@ def read_graph(project: Project) -> Graph | None:
         return None
     revisions: dict[str, tuple[str, ...]] = {}
     for entry in sorted(versions.iterdir()):
-        if not entry.is_file() or not _REVISION_FILE.match(entry.name):
+        if not _REVISION_FILE.match(entry.name):
             continue
+        if entry.is_dir() and not entry.is_symlink():
+            continue  # Alembic skips folders unless recursive_version_locations (then: unsure)
+        if not entry.is_file():
+            return None  # a dangling symlink or a special file: Alembic would fail on it
         found = _read_revision(entry)
         if found is None or found[0] in revisions:
             return None
         revisions[found[0]] = found[1]
     parents = {parent for downs in revisions.values() for parent in downs}
-    if not parents <= revisions.keys():
-        return None  # a dangling or symbolic down_revision: Alembic's to judge
+    if not parents <= revisions.keys() or _has_cycle(revisions):
+        return None  # a dangling, symbolic or circular down_revision: Alembic's to judge
     return Graph(frozenset(revisions), tuple(sorted(revisions.keys() - parents)))
 
 
+def _has_cycle(revisions: dict[str, tuple[str, ...]]) -> bool:
+    """Whether following down_revisions ever comes back (Alembic raises CycleDetected)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for start in revisions:
+        stack = [(start, iter(revisions[start]))]
+        if state.get(start):
+            continue
+        state[start] = 1
+        while stack:
+            node, parents = stack[-1]
+            parent = next(parents, None)
+            if parent is None:
+                state[node] = 2
+                stack.pop()
+            elif state.get(parent) == 1:
+                return True
+            elif not state.get(parent):
+                state[parent] = 1
+                stack.append((parent, iter(revisions[parent])))
+    return False
+
+
+# What a revision module may do at its top level for its ids to be read without running it.
+_KEYS = frozenset({"revision", "down_revision", "branch_labels", "depends_on"})
+_SAFE_IMPORTS = ("alembic", "sqlalchemy", "__future__")
+_ILLEGAL_ID = frozenset("@-+:")  # Alembic refuses revision ids holding these
+
+
 def _read_revision(path: Path) -> tuple[str, tuple[str, ...]] | None:
-    """(revision, down_revisions) from module-level literals, or None if anything is unusual."""
+    """(revision, down_revisions) from module-level literals, or None if anything is unusual:
+    anything that could fail at import or bind the ids otherwise is Alembic's to run."""
     try:
-        tree = ast.parse(path.read_bytes(), filename=str(path))
+        source = path.read_bytes()
+        tree = ast.parse(source, filename=str(path))
+        compile(tree, str(path), "exec", dont_inherit=True)  # what only the compiler checks
     except (OSError, SyntaxError, ValueError):
         return None
     values: dict[str, object] = {}
     for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target, value = node.targets[0], node.value
+        if not _harmless(node):
+            return None
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
         elif isinstance(node, ast.AnnAssign) and node.value is not None:
-            target, value = node.target, node.value
+            targets, value = [node.target], node.value
         else:
             continue
-        if isinstance(target, ast.Name):
-            if target.id in values:
-                return None
-            try:
-                values[target.id] = ast.literal_eval(value)
-            except ValueError:
-                values[target.id] = _COMPUTED
+        for target in targets:
+            if isinstance(target, ast.Name) and target.id in _KEYS:
+                if target.id in values or len(targets) != 1:
+                    return None
+                try:
+                    values[target.id] = ast.literal_eval(value)
+                except ValueError:
+                    values[target.id] = _COMPUTED
+    if _bound_elsewhere(tree):
+        return None
     revision, down = values.get("revision"), values.get("down_revision", _COMPUTED)
     if values.get("branch_labels") or values.get("depends_on"):
         return None
-    if not isinstance(revision, str) or not revision:
+    if not isinstance(revision, str) or not revision or _ILLEGAL_ID & set(revision):
         return None
     if down is None:
         return revision, ()
@@ -228,6 +284,73 @@ def _read_revision(path: Path) -> tuple[str, tuple[str, ...]] | None:
     if isinstance(down, tuple | list) and all(isinstance(d, str) for d in down):
         return revision, tuple(down)
     return None
+
+
+def _harmless(node: ast.stmt) -> bool:
+    """A top-level statement that cannot fail at import: a docstring, an import of Alembic,
+    SQLAlchemy or the standard library, an assignment of names, literals and type hints, a
+    def or class. Anything else (a call, an if, a try, an import of the app) is Alembic's."""
+    import sys
+
+    if isinstance(node, ast.Expr):
+        return isinstance(node.value, ast.Constant)
+    if isinstance(node, ast.Import | ast.ImportFrom):
+        modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+        if isinstance(node, ast.ImportFrom) and node.level:
+            return False  # relative: depends on how Alembic names the module
+        return all(
+            m is not None
+            and (m.split(".")[0] in _SAFE_IMPORTS or m.split(".")[0] in sys.stdlib_module_names)
+            for m in modules
+        )
+    if isinstance(node, ast.Assign | ast.AnnAssign):
+        parts = [node.value] if isinstance(node, ast.Assign) else [node.value, node.annotation]
+        return all(part is None or _inert(part) for part in parts)
+    return isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and (
+        node.name not in _KEYS and not node.decorator_list
+    )
+
+
+def _inert(expression: ast.expr) -> bool:
+    """An expression that evaluates without calling anything: literals, names, attributes,
+    subscripts (Union[str, None]) and `|` between them."""
+    for node in ast.walk(expression):
+        if isinstance(node, ast.BinOp) and not isinstance(node.op, ast.BitOr):
+            return False
+        if not isinstance(
+            node,
+            ast.Constant
+            | ast.Name
+            | ast.Attribute
+            | ast.Subscript
+            | ast.Tuple
+            | ast.List
+            | ast.Load
+            | ast.BinOp
+            | ast.BitOr
+            | ast.UnaryOp
+            | ast.USub,
+        ):
+            return False
+    return True
+
+
+def _bound_elsewhere(tree: ast.Module) -> bool:
+    """Whether an id name is bound other than by its one top-level assignment: in a function
+    (`global`), by an import alias, a walrus, a loop or an augmented assignment."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Global | ast.Nonlocal) and _KEYS & set(node.names):
+            return True
+        if isinstance(node, ast.alias) and (node.asname or node.name) in _KEYS:
+            return True
+        if (
+            isinstance(node, ast.NamedExpr | ast.AugAssign)
+            and getattr(node.target, "id", None) in _KEYS
+        ):
+            return True
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) in {"globals", "exec"}:
+            return True
+    return False
 
 
 _COMPUTED = object()  # a value that is not a literal: only Alembic can know it

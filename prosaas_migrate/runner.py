@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -32,10 +33,18 @@ if TYPE_CHECKING:
 
     from prosaas_migrate.conninfo import ConnInfo
     from prosaas_migrate.migrations import Upgrade
+    from prosaas_migrate.monitor import Watch
     from prosaas_migrate.schema import Position, Reader
 
 HEAD_POLL_INTERVAL = (0.2, 0.5)  # read-only polls of the version table, jittered
 PROBE_SECONDS = (2.0, 5.0)  # the pooler probe's wait for a second server session: min, max
+
+
+@dataclass
+class RunState:
+    """What an interruption needs to say truthfully."""
+
+    committed: bool = False  # the upgrade committed (a signal now ends nothing half-done)
 
 
 def run(
@@ -50,17 +59,31 @@ def run(
         # Unless told to wait for head, this path opens no connection and imports nothing from
         # SQLAlchemy, Alembic or psycopg.
         logs.disabled(settings.decided_by, settings.decided_value)
-        if settings.wait_for_head_seconds:
-            with interruptible():
-                wait_for_head(settings, clock=clock)
+        if not settings.wait_for_head_seconds:
+            return start_service(command)
     else:
         logs.checkpoint(settings.decided_by, settings.decided_value)
+    state = RunState()
+    try:
+        # Signals stay ours until the exec itself, so that none lands unreported.
         with interruptible():
-            migrate(settings, hostname=hostname, clock=clock)
-    return start_service(command)
+            if settings.run:
+                migrate(settings, hostname=hostname, clock=clock, state=state)
+            else:
+                wait_for_head(settings, clock=clock)
+            return start_service(command)
+    except Interrupted as interrupted:
+        interrupted.after_commit = state.committed
+        raise
 
 
-def migrate(settings: Settings, *, hostname: str, clock: Callable[[], float]) -> None:
+def migrate(
+    settings: Settings,
+    *,
+    hostname: str,
+    clock: Callable[[], float],
+    state: RunState | None = None,
+) -> None:
     """Connect, see whether anything is pending, take the lock within the wait budget, upgrade
     to head and release; or start at once (at head), or skip (lock or version table busy)."""
     import psycopg
@@ -80,26 +103,41 @@ def migrate(settings: Settings, *, hostname: str, clock: Callable[[], float]) ->
     def remaining_ms() -> int:
         return max(int((deadline - clock()) * 1000), 0)
 
+    def read_ms() -> int:
+        # The server's own timeouts end a little before the client's, so the log says what
+        # waited (a locked version table) rather than just "no answer".
+        return max(remaining_ms() - 300, database.MIN_READ_TIMEOUT_MS)
+
     def connect() -> psycopg.Connection[Any]:
         return database.connect(info, deadline=deadline, clock=clock)
 
+    if goal.graph is None:
+        # Only Alembic can read this project: load it before connecting, so that a slow import
+        # of the app's models never leaves a fresh session idle (idle_session_timeout).
+        reader.alembic  # noqa: B018
     conn = connect()
     try:
         try:
-            position = reader.position(conn, remaining_ms()) if goal.graph else None
-            if position is not None and _settled(position, settings, locked=False):
-                return
-            probe_seconds = min(max(remaining_ms() / 1000, PROBE_SECONDS[0]), PROBE_SECONDS[1])
-            pooled = database.transaction_pooling(conn, info, timeout=probe_seconds)
-            if pooled:
-                logs.pooler_refused(pooled)
-                raise TransactionPooling(settings.database_url_source or "DATABASE_URL", pooled)
-            if position is None:
-                position = reader.position(conn, remaining_ms())
-                if _settled(position, settings, locked=False):
+            # Everything before the lock ends with the budget, whatever waits: the server, a
+            # lock on the version table, or a pooler's queue for a free server.
+            with database.answering_within(max(deadline - clock(), 1.0)):
+                position = reader.position(conn, read_ms()) if goal.graph else None
+                if position is not None and _settled(position, settings, locked=False):
                     return
-        except VersionTableBusy as busy:
-            logs.version_table_busy(clock() - started, busy.cause)
+                probe = min(max(remaining_ms() / 1000, PROBE_SECONDS[0]), PROBE_SECONDS[1])
+                pooled = database.transaction_pooling(conn, info, timeout=probe)
+                if pooled:
+                    logs.pooler_refused(pooled)
+                    raise TransactionPooling(settings.database_url_source or "DATABASE_URL", pooled)
+                if position is None:
+                    position = reader.position(conn, read_ms())
+                    if _settled(position, settings, locked=False):
+                        return
+        except (VersionTableBusy, database.NoAnswer) as busy:
+            if isinstance(busy, VersionTableBusy):
+                logs.version_table_busy(clock() - started, busy.cause)
+            else:
+                logs.no_answer(clock() - started)
             logs.lock_timeout(clock() - started)
             return
         except TransactionPooling as refused:
@@ -131,12 +169,20 @@ def migrate(settings: Settings, *, hostname: str, clock: Callable[[], float]) ->
             },
         )
         logs.statement_timeout_set(settings.statement_timeout)
-        logs.ddl_lock_timeout_set(settings.ddl_lock_timeout, settings.ddl_lock_retries)
+        logs.ddl_lock_timeout_set(
+            settings.ddl_lock_timeout, settings.ddl_lock_timeout_ms, settings.ddl_lock_retries
+        )
         holding = _acquire(conn, key, started, deadline, clock, connect, session, info)
         if holding is None:
             return
         conn = holding
-        _upgrade_under_lock(conn, key, reader, session, settings, clock)
+        _upgrade_under_lock(conn, key, reader, session, settings, clock, state or RunState())
+    except psycopg.errors.QueryCanceled as exc:
+        # Not a lost server: a statement_timeout set on the database or role, say.
+        raise DatabaseError(
+            "preparing the migration session",
+            f"{database.one_line(exc, info)} (a statement_timeout set on the database or role?)",
+        ) from None
     except psycopg.OperationalError as exc:
         raise DatabaseUnreachable(
             info.display, clock() - started, 1, database.one_line(exc, info)
@@ -203,37 +249,54 @@ def _upgrade_under_lock(
     session: dict[str, str],
     settings: Settings,
     clock: Callable[[], float],
+    state: RunState,
 ) -> None:
     """Upgrade to head while holding the lock: retry lock timeouts, watch the lock, verify."""
+    import psycopg
+
     from prosaas_migrate import database, lock, migrations
-    from prosaas_migrate.monitor import Monitor, Watch
+    from prosaas_migrate.monitor import Monitor, Watch, describe_blockers
 
     goal = reader.goal
     info = goal.info
     assert info is not None
     lock_pid, lock_identity = database.set_session(conn, session)
-    watch = Watch(lock_pid=lock_pid, key=key)
-    guarded: set[int] = set()  # id() of connections in the lock's database
+    watch = Watch(lock_pid=lock_pid, key=key, app_name=session["application_name"])
 
     def on_connect(dbapi_connection: Any) -> None:
         pid, identity = database.set_session(dbapi_connection, session)
-        if identity == lock_identity:  # multidb: others are in other databases, unwatchable
-            watch.add_pid(pid)
-            guarded.add(id(dbapi_connection))
+        if identity == lock_identity:  # the lock's server and database: the monitor's to watch
+            watch.opened(dbapi_connection, pid)
 
-    def before_commit(connection: Any) -> None:
-        # env.py's own connection commits on its own: not once the lock session lost the lock.
-        if id(connection.connection.dbapi_connection) not in guarded:
-            return
-        held = connection.exec_driver_sql(lock.HELD_BY_SQL, (watch.lock_pid, key)).scalar()
-        if not held:
+    def on_statement(dbapi_connection: Any) -> None:
+        # Work done in autocommit (autocommit_block) is committed as it runs: no rollback
+        # undoes it, so a revision that did some must never be retried as a whole.
+        if watch.revision is not None and getattr(dbapi_connection, "autocommit", False):
+            watch.autocommitted.add(watch.revision)
+
+    def before_commit(_connection: Any) -> None:
+        # Asked of the lock session itself (idle, or the very connection committing), so it
+        # holds for env.py's own engines and for every database of a multidb project.
+        try:
+            with database.answering_within(5):  # a frozen lock backend must not hang the commit
+                row = conn.execute(lock.HELD_BY_SQL, [watch.lock_pid, key]).fetchone()
+        except (psycopg.Error, database.NoAnswer):
+            row = None
+        if not (row and row[0]):
             raise migrations.LockGoneBeforeCommit(watch.lock_pid)
 
     def monitor_connection() -> Any:
-        extra = database.connect(info, deadline=clock() + 3)
+        extra = psycopg.connect(info.text, autocommit=True, connect_timeout=2)
         database.set_session(extra, {**session, "statement_timeout": "2000"})
         return extra
 
+    hooks = migrations.Hooks(
+        on_connect=on_connect,
+        on_close=watch.closed,
+        on_statement=on_statement,
+        before_commit=before_commit,
+        on_step=lambda revision: watch.running(revision, clock()),
+    )
     monitor = Monitor(info, watch, connect=monitor_connection, clock=clock).start()
     try:
         with lock.releasing(conn, key):
@@ -243,28 +306,34 @@ def _upgrade_under_lock(
                 if _settled(position, settings, locked=True):
                     return
             cfg, script, heads = reader.alembic
+            ran: list[str] = []  # every revision whose upgrade() completed, all attempts
             attempt = 0
             while True:
                 done = migrations.Upgrade()
                 try:
-                    migrations.upgrade(
-                        conn, cfg, script, info, done,
-                        on_connect=on_connect,
-                        before_commit=before_commit,
-                        on_step=lambda revision: watch.running(revision, clock()),
-                    )  # fmt: skip
+                    migrations.upgrade(conn, cfg, script, info, done, hooks)
+                    ran += [r for r in done.ran if r not in ran]
+                    state.committed = bool(ran)  # a signal from now on ends nothing half-done
                     break
                 except MigrationFailed as failure:
+                    ran += [r for r in done.ran if r not in ran]
                     blockers = list(watch.blockers)  # what the monitor last saw blocking it
                     watch.running(None, clock())
                     _raise_if_lock_lost(failure, conn, watch)
+                    tried = {*done.ran, *([failure.revision] if failure.revision else [])}
+                    partly = sorted(watch.autocommitted & tried)
                     lock_timeout = migrations.sqlstate(failure.original) == "55P03"
-                    if not lock_timeout or attempt >= settings.ddl_lock_retries:
-                        if lock_timeout and blockers:
-                            failure.cause += "; blocked by " + "; ".join(
-                                b.describe() for b in blockers
+                    if lock_timeout:
+                        failure.cause += "; blocked by " + (
+                            "; ".join(describe_blockers(blockers)) or _UNSEEN_BLOCKER
+                        )
+                    if not lock_timeout or attempt >= settings.ddl_lock_retries or partly:
+                        if lock_timeout and partly:
+                            failure.cause += (
+                                f"; not retried: {', '.join(partly)} committed work outside a "
+                                "transaction (autocommit_block) that a retry would run again"
                             )
-                        raise _accounted(failure, conn, reader, done) from failure.original
+                        raise _accounted(failure, conn, reader, done, partly) from failure.original
                     attempt += 1
                     delay = _retry_delay(attempt)
                     logs.ddl_lock_retry(
@@ -272,37 +341,51 @@ def _upgrade_under_lock(
                         attempt,
                         settings.ddl_lock_retries,
                         delay,
-                        [b.describe() for b in blockers],
-                        [b.as_dict() for b in blockers],
+                        describe_blockers(blockers) or [_UNSEEN_BLOCKER],
+                        [b.as_dict() for b in blockers[:10]],
                     )
                     time.sleep(delay)
-            now = reader.committed(conn, done.states)
+            try:
+                with database.answering_within(30):
+                    now = reader.committed(conn, done.states)
+            except (psycopg.OperationalError, database.NoAnswer) as exc:
+                raise LockLost(
+                    key,
+                    f"the lock session stopped answering after the upgrade "
+                    f"({database.one_line(exc, info)})",
+                    consequence="The upgrade itself had finished; check where the schema stands "
+                    "with `prosaas-migrate status` before trusting it",
+                ) from None
+            _, script, _ = reader.alembic
+            kept = migrations.committed(script, now.current)
             if not now.at_head:
                 raise MigrationFailed(
                     None,
                     f"the upgrade ended at {list(now.current) or 'base'}, not head "
                     f"{list(heads)}: it was not committed",
-                    rolled_back=[r for r in done.ran if r not in now.current],
+                    rolled_back=[r for r in ran if r not in kept],
+                    committed=[r for r in ran if r in kept],
                 )
-            if done.ran:
-                logs.migrations_done(done.ran, heads)
+            if ran:
+                logs.migrations_done([r for r in ran if r in kept], heads)
             else:
                 logs.at_head(heads, locked=True)
     finally:
         monitor.stop()
 
 
+_UNSEEN_BLOCKER = "a session that ended (or was not caught) before it could be named"
 RETRY_DELAY = (1.0, 30.0)  # the first retry's delay, and the cap, in seconds
 
 
 def _retry_delay(attempt: int) -> float:
     """About 1 s, doubling with each attempt, at most 30 s; jittered so runners spread out."""
-    base = min(RETRY_DELAY[0] * 2.0 ** (attempt - 1), RETRY_DELAY[1])
+    base = min(RETRY_DELAY[0] * 2.0 ** min(attempt - 1, 10), RETRY_DELAY[1])
     return float(min(base * random.uniform(0.75, 1.25), RETRY_DELAY[1]))
 
 
 def _raise_if_lock_lost(
-    failure: MigrationFailed, conn: psycopg.Connection[Any], watch: Any
+    failure: MigrationFailed, conn: psycopg.Connection[Any], watch: Watch
 ) -> None:
     """A failure caused by the lock session's end is one thing to report: the lost lock."""
     from prosaas_migrate.migrations import LockGoneBeforeCommit
@@ -311,20 +394,34 @@ def _raise_if_lock_lost(
     vetoed = isinstance(failure.original, LockGoneBeforeCommit)
     if not (gone or vetoed or watch.lock_lost):
         return
-    reason = watch.lock_lost or (
-        f"the lock session (pid {watch.lock_pid}) ended" if gone else str(failure.original)
-    )
+    reason = watch.lock_lost or f"the lock session (pid {watch.lock_pid}) no longer holds it"
     where = f"revision {failure.revision}" if failure.revision else "the upgrade"
+    if watch.lock_lost and not vetoed:
+        what = "the running revision was cancelled and rolled back"
+    elif vetoed:
+        what = "its commit was vetoed and it was rolled back"
+    else:
+        what = "it ran on the lock session and was rolled back with it"
+    partly = sorted(watch.autocommitted)
+    consequence = f"Nothing was committed after the lock was lost: {what}"
+    if partly:
+        consequence += (
+            f"; but {', '.join(partly)} had committed work outside a transaction "
+            "(autocommit_block) before that, which stays"
+        )
     raise LockLost(
         watch.key,
         f"{reason}, during {where} ({failure.cause})",
-        consequence="Nothing was committed after the lock was lost: the running revision was "
-        "cancelled and rolled back. Another runner may be migrating now",
+        consequence=consequence + ". Another runner may be migrating now",
     ) from None
 
 
 def _accounted(
-    failure: MigrationFailed, conn: psycopg.Connection[Any], reader: Reader, done: Upgrade
+    failure: MigrationFailed,
+    conn: psycopg.Connection[Any],
+    reader: Reader,
+    done: Upgrade,
+    partly: Sequence[str] = (),
 ) -> MigrationFailed:
     """The failure, saying which revisions that ran are rolled back and which stayed committed
     (with transaction_per_migration, those before the failing one commit one by one)."""
@@ -338,12 +435,17 @@ def _accounted(
         _, script, _ = reader.alembic
         kept = migrations.committed(script, position.current)
     except Exception:
-        return MigrationFailed(failure.revision, failure.cause, rolled_back=ran)
+        return MigrationFailed(failure.revision, failure.cause, rolled_back=ran, partly=partly)
+    revision, cause = failure.revision, failure.cause
+    if revision is not None and revision in kept:
+        # It committed: what failed came after it (env.py's own code, say), not the revision.
+        revision, cause = None, f"after revision {revision} committed: {cause}"
     return MigrationFailed(
-        failure.revision,
-        failure.cause,
+        revision,
+        cause,
         rolled_back=[r for r in ran if r not in kept],
         committed=[r for r in ran if r in kept],
+        partly=partly,
     )
 
 
@@ -366,6 +468,8 @@ def wait_for_head(
     info = goal.info
     assert info is not None  # target() always resolves one
     reader = Reader(goal)
+    if goal.graph is None:
+        reader.alembic  # noqa: B018 - loaded before connecting, as in migrate()
     conn: psycopg.Connection[Any] | None = None
     current: tuple[str, ...] = ()
     heads: tuple[str, ...] = goal.graph.heads if goal.graph else ()
@@ -376,8 +480,9 @@ def wait_for_head(
             try:
                 if conn is None:
                     conn = database.connect(info, deadline=deadline, clock=clock)
-                remaining = max(int((deadline - clock()) * 1000), 0)
-                position = reader.position(conn, min(remaining, 5000))
+                remaining = min(max(int((deadline - clock()) * 1000), 0), 5000)
+                with database.answering_within(remaining / 1000 + 0.5):
+                    position = reader.position(conn, remaining)
                 current, heads, problem = position.current, position.heads, None
                 if position.unknown:
                     # A worker of the old image must not refuse to start because the schema
@@ -389,6 +494,16 @@ def wait_for_head(
                     return
             except VersionTableBusy:
                 problem = "the version table is locked by a running migration"
+            except database.NoAnswer as exc:
+                problem = f"the database did not answer ({exc})"
+                if conn is not None:
+                    conn.close()  # mid-query: unusable
+                conn = None
+            except TransactionPooling as refused:
+                variable = settings.database_url_source or "DATABASE_URL"
+                failure = TransactionPooling(variable, refused.reason)
+                logs.error(f"{failure}; the version cannot be read through it")
+                raise failure from None
             except psycopg.OperationalError as exc:
                 logs.connection_lost(info.display, database.one_line(exc, info))
                 if conn is not None:
@@ -418,6 +533,8 @@ def start_service(command: Sequence[str]) -> ExitCode:
     if not command:
         logs.no_command()
         return ExitCode.OK
+    if not command[0]:
+        raise ExecFailed("''", "ENOENT", "an empty command name", not_found=True)
     logs.exec_service(command)
     sys.stdout.flush()
     sys.stderr.flush()

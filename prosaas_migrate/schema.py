@@ -88,7 +88,9 @@ class Reader:
             with database.bounded(conn, timeout_ms):
                 current = database.current_revisions(conn)
             unknown = tuple(r for r in current if r not in graph.revisions)
-            return Position(current, graph.heads, current == graph.heads, unknown)
+            # Alembic also takes a unique prefix of an id for the id: its call, not ours.
+            if not any(known.startswith(r) for r in unknown for known in graph.revisions):
+                return Position(current, graph.heads, current == graph.heads, unknown)
         from prosaas_migrate import migrations
 
         cfg, script, _ = self.alembic
@@ -101,6 +103,9 @@ class Reader:
         from prosaas_migrate import migrations
 
         _, script, heads = self.alembic
+        states = [
+            type(state)(state.table, migrations.resolved(script, state.current)) for state in states
+        ]
         current = tuple(sorted({revision for state in states for revision in state.current}))
         unknown = tuple(r for r in current if not migrations.known(script, r))
         at_head = not unknown and all(state.current == heads for state in states)

@@ -76,7 +76,9 @@ def _configuration(
     from prosaas_migrate import conninfo
 
     rows = []
-    url_in_use = settings.database_url_source
+    url_in_use = next(
+        (name for name in config.URL_VARIABLES if config.value_of(environ, name) is not None), None
+    )
     for setting in config.SETTINGS:
         value = config.value_of(environ, setting.name)
         source = ".env" if setting.name in dotenv_names else "environment"
@@ -172,7 +174,10 @@ def _database(
         "server_version": None,
         "error": None,
     }
-    in_use = settings.database_url_source
+    # The variable run would use, even when it is invalid (then settings fell back past it).
+    in_use = next((name for name in config.URL_VARIABLES if name in bad), None) or (
+        settings.database_url_source
+    )
     try:
         if in_use is not None and in_use in bad:
             raise bad[in_use]
@@ -183,6 +188,8 @@ def _database(
         return section, None
     section["url"] = info.display
     section["url_source"] = in_use or "sqlalchemy.url"
+    import psycopg
+
     from prosaas_migrate import database
 
     try:
@@ -190,7 +197,13 @@ def _database(
     except MigrateError as exc:
         section["error"] = getattr(exc, "reason", str(exc))
         return section, None
-    row = conn.execute("SELECT current_setting('server_version')").fetchone()
+    try:
+        with database.answering_within(READ_TIMEOUT_MS / 1000):
+            row = conn.execute("SELECT current_setting('server_version')").fetchone()
+    except (psycopg.Error, database.NoAnswer) as exc:
+        conn.close()
+        section["error"] = database.one_line(exc, info)
+        return section, None
     section.update(reachable=True, server_version=str(row[0]) if row else None)
     return section, conn
 
@@ -214,9 +227,12 @@ def _revisions(conn: Any, reader: Reader | None) -> tuple[dict[str, Any], Any]:
         return section, None
     import psycopg
 
+    from prosaas_migrate import database
+
     try:
-        position = reader.position(conn, READ_TIMEOUT_MS)
-    except (MigrateError, psycopg.Error) as exc:
+        with database.answering_within(READ_TIMEOUT_MS / 1000 + 1):
+            position = reader.position(conn, READ_TIMEOUT_MS)
+    except (MigrateError, psycopg.Error, database.NoAnswer) as exc:
         section["error"] = str(exc) if isinstance(exc, MigrateError) else _one_line(exc)
         return section, None
     section["current"] = list(position.current)
@@ -224,7 +240,11 @@ def _revisions(conn: Any, reader: Reader | None) -> tuple[dict[str, Any], Any]:
     if position.unknown:
         section["at_head"] = False
         return section, position.table
-    pending = migrations.pending(script, position.current)
+    try:
+        pending = migrations.pending(script, position.current)
+    except Exception as exc:  # overlapping version rows, say: Alembic cannot tell either
+        section["error"] = f"cannot compare with the scripts: {_one_line(exc)}"
+        return section, position.table
     section["pending"] = [{"revision": s.revision, "message": s.doc} for s in pending]
     section["at_head"] = position.at_head
     return section, position.table
@@ -246,7 +266,9 @@ def _lock(
         "error": None,
     }
     if "MIGRATION_LOCK_KEY" in bad:
-        section.update(key=None, error=str(bad["MIGRATION_LOCK_KEY"]))
+        section.update(
+            key=None, key_source="MIGRATION_LOCK_KEY", error=str(bad["MIGRATION_LOCK_KEY"])
+        )
         return section
     if conn is None:
         section["error"] = "database unreachable"
@@ -256,9 +278,12 @@ def _lock(
     from prosaas_migrate import lock
 
     try:
-        with database.bounded(conn, READ_TIMEOUT_MS):
+        with (
+            database.answering_within(READ_TIMEOUT_MS / 1000 + 1),
+            database.bounded(conn, READ_TIMEOUT_MS),
+        ):
             holder = lock.holder(conn, key)
-    except (MigrateError, psycopg.Error) as exc:
+    except (MigrateError, psycopg.Error, database.NoAnswer) as exc:
         section["error"] = str(exc) if isinstance(exc, MigrateError) else _one_line(exc)
         return section
     section["held"] = holder is not None
@@ -380,7 +405,10 @@ def render_text(report: Mapping[str, Any], *, style: Callable[..., str]) -> str:
         row("state", warn("held"))
         row("holder", f"pid {h['pid']} ({h['application_name'] or 'no application_name'})")
         row("client address", h["client_addr"] or "local socket")
-        row("since", f"{h['connected_since']} ({h['connected_seconds']:.0f}s)")
+        if h["connected_since"] is None:
+            row("since", "hidden (another role's session)")
+        else:
+            row("since", f"{h['connected_since']} ({h['connected_seconds']:.0f}s)")
         state_age = "" if h["state_seconds"] is None else f", for {h['state_seconds']:.0f}s"
         row("state of holder", f"{h['state'] or 'unknown'}{state_age}")
     else:

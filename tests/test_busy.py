@@ -381,3 +381,70 @@ def test_a_rollback_of_the_example_app_starts_every_replica(db_url: str) -> None
         assert runner.stdout == "service-started\n"
         assert "The database is ahead of this image: it is at 0004" in runner.stderr
     assert version(db_url) == ["0004"] and lock_holders(db_url) == []
+
+
+# -- found by a hostile review ----------------------------------------------------------------
+
+
+def test_a_revision_with_autocommit_work_is_not_retried_as_a_whole(
+    tmp_path: Path, leads: str, report: psycopg.Connection[object]
+) -> None:
+    python = (
+        "with op.get_context().autocommit_block():\n"
+        "    op.execute(\"INSERT INTO revision_runs VALUES ('backfill', 1)\")\n"
+        "op.execute('ALTER TABLE leads ADD COLUMN source text')\n"
+    )
+    project.create(tmp_path, [project.Revision("r001", python=python)])
+    env = enabled(leads, MIGRATION_DDL_LOCK_TIMEOUT="300ms")
+    result = cli(["run", "--", "touch", "started"], env, tmp_path, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "Lock timeout in revision r001 (attempt" not in result.stderr  # never retried
+    assert "not retried: r001 committed work outside a transaction" in result.stderr
+    assert "Except what r001 ran outside a transaction (autocommit_block)" in result.stderr
+    # Once, not twice: a retry would have run the backfill again.
+    assert query(leads, "SELECT count(*) FROM revision_runs WHERE revision = 'backfill'") == [(1,)]
+    assert not (tmp_path / "started").exists()
+
+
+def test_a_role_with_few_connections_still_migrates(tmp_path: Path, db_url: str) -> None:
+    # The monitor's session must never take the one env.py's own engine needs.
+    query(db_url, "DROP ROLE IF EXISTS few")
+    query(db_url, "CREATE ROLE few LOGIN CONNECTION LIMIT 2")
+    query(db_url, "GRANT ALL ON SCHEMA public TO few")
+    url = db_url.replace("postgresql://postgres@", "postgresql://few@")
+    revisions = [project.Revision("r001", sql=["SELECT pg_sleep(1.5)"])]
+    project.create(tmp_path, revisions, env="stock")
+    result = cli(["run", "--", *SERVICE], enabled(url), tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert version(db_url) == ["r001"]
+    assert result.stderr.count("Stopped watching") <= 1
+    assert "Database not reachable yet" not in result.stderr
+
+
+def test_the_holder_of_another_role_is_named_without_a_traceback(
+    tmp_path: Path, db_url: str
+) -> None:
+    query(db_url, "DROP ROLE IF EXISTS weak")
+    query(db_url, "CREATE ROLE weak LOGIN")
+    query(db_url, "GRANT ALL ON SCHEMA public TO weak")
+    project.create(tmp_path, project.linear(1))
+    url = db_url.replace("postgresql://postgres@", "postgresql://weak@")
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_advisory_lock(%s)", [config.DEFAULT_LOCK_KEY])
+        result = cli(["run"], enabled(url, MIGRATION_LOCK_WAIT_SECONDS="1"), tmp_path)
+        status = cli(["status", "--json"], {"DATABASE_URL": url}, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "another role's session" in result.stderr
+    assert status.returncode == 0 and "Traceback" not in status.stderr
+    assert json.loads(status.stdout)["lock"]["holder"]["connected_since"] is None
+
+
+def test_a_revision_secret_never_reaches_a_progress_line() -> None:
+    from prosaas_migrate.monitor import without_literals
+
+    shown = without_literals("ALTER ROLE reporting PASSWORD 'Hunter2-Secret!'")
+    assert shown == "ALTER ROLE reporting PASSWORD …"
+    assert without_literals("SELECT $$x$$") == "SELECT …"
+    assert without_literals("ALTER TABLE leads ADD COLUMN source text") == (
+        "ALTER TABLE leads ADD COLUMN source text"
+    )

@@ -63,6 +63,25 @@ UNSURE: dict[str, dict[str, str]] = {
     "duplicate id": {"a.py": rev("a", None), "b.py": rev("a", None)},
     "assigned twice": {"a.py": rev("a", None, "revision = 'b'")},
     "syntax error": {"a.py": "revision = 'a'\ndown_revision = (\n"},
+    # Shapes a hostile review found where a literal reading would disagree with Alembic:
+    "cycle": {"a.py": rev("a", "b"), "b.py": rev("b", "a")},
+    "rebound in an if": {"a.py": rev("a", None, "if True:\n    revision = 'z'")},
+    "rebound in a try": {
+        "a.py": rev("a", None, "try:\n    revision = 'z'\nexcept Exception:\n    pass")
+    },
+    "rebound by +=": {"a.py": rev("a", None, "revision += 'z'")},
+    "rebound by a walrus": {"a.py": rev("a", None, "def f():\n    (revision := 'z')")},
+    "rebound through globals()": {"a.py": rev("a", None, "globals()['revision'] = 'z'")},
+    "rebound by an import": {"a.py": rev("a", None, "from os import sep as revision")},
+    "a def named revision": {"a.py": rev("a", None, "def revision():\n    pass")},
+    "a global statement": {"a.py": rev("a", None, "def f():\n    global revision")},
+    "late __future__": {"a.py": rev("a", None, "from __future__ import annotations")},
+    "imports the app": {"a.py": "import myapp.models\n" + rev("a", None)},
+    "relative import": {"a.py": "from . import helpers\n" + rev("a", None)},
+    "fails at import": {"a.py": rev("a", None, "x = 1 / 0")},
+    "calls at import": {"a.py": rev("a", None, "print('loading')")},
+    "illegal id": {"a.py": rev("a-1", None)},
+    "decorated def": {"a.py": rev("a", None, "@staticmethod\ndef f():\n    pass")},
 }
 
 
@@ -86,6 +105,15 @@ def test_heads_match_alembic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sh
     assert graph is not None
     assert graph.heads == migrations.heads(script)
     assert graph.revisions == {s.revision for s in script.walk_revisions()}
+
+
+def test_a_dangling_symlink_is_left_to_alembic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    found = make(tmp_path, SHAPES["linear"])
+    (tmp_path / "migrations" / "versions" / "zz.py").symlink_to(tmp_path / "gone.py")
+    assert revisions.read_graph(found) is None
 
 
 @pytest.mark.parametrize("shape", UNSURE)

@@ -200,7 +200,7 @@ def test_a_pooler_that_does_not_keep_sessions_is_refused_and_nothing_leaks(
             client.close()
     result = cli(["run", "--", "touch", "started"], enabled(url), app)
     assert result.returncode == 2, result.stderr
-    assert "❌ Refusing to migrate through a transaction-pooling connection pooler" in result.stderr
+    assert "❌ Refusing to migrate through this connection pooler" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (app / "started").exists()
     assert version(db_url) == [] and lock_holders(db_url) == []
@@ -277,3 +277,70 @@ def test_a_failure_names_what_was_rolled_back_and_what_stayed(
         assert "Committed before the failure" not in result.stderr
         assert version(db_url) == [] and applied_revisions(db_url) == []
     assert not (tmp_path / "started").exists()
+
+
+# -- more shapes a hostile review found --------------------------------------------------------
+
+
+def test_a_revision_cycle_is_never_taken_for_head(tmp_path: Path, db_url: str) -> None:
+    project.create(tmp_path, project.linear(2))
+    path = tmp_path / "migrations" / "versions" / "r001.py"
+    path.write_text(path.read_text().replace("down_revision = None", "down_revision = 'r002'"))
+    result = cli(["run", "--", "touch", "started"], enabled(db_url), tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "Schema is current" not in result.stderr
+    assert "Cycle" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "started").exists()
+
+
+@pytest.mark.parametrize("code", ["0", "3"])
+def test_an_env_py_that_exits_is_a_failure_not_a_way_out(
+    tmp_path: Path, db_url: str, code: str
+) -> None:
+    project.create(tmp_path, project.linear(1))
+    env_py = tmp_path / "migrations" / "env.py"
+    env_py.write_text("import sys\nsys.exit(" + code + ")\n" + env_py.read_text())
+    result = cli(["run", "--", "touch", "started"], enabled(db_url), tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "SystemExit" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "started").exists()
+
+
+def test_status_without_schema_usage_could_not_tell(app: Path, db_url: str) -> None:
+    assert cli(["run"], enabled(db_url), app).returncode == 0
+    project.write_revisions(app, project.linear(4))
+    query(db_url, "DROP ROLE IF EXISTS blind")
+    query(db_url, "CREATE ROLE blind LOGIN")
+    query(db_url, "REVOKE ALL ON SCHEMA public FROM PUBLIC")
+    url = db_url.replace("postgresql://postgres@", "postgresql://blind@")
+    result = cli(["status", "--check"], {"DATABASE_URL": url}, app)
+    assert result.returncode == 3, result.stdout  # not 1: it cannot see the version table
+    assert "no schema on the search_path is usable" in result.stdout
+
+
+def test_an_empty_command_name_is_127_in_one_line(tmp_path: Path) -> None:
+    result = cli(["run", "--", ""], {"RUN_MIGRATIONS": "0"}, tmp_path)
+    assert result.returncode == 127, result.stderr
+    assert "Traceback" not in result.stderr and "empty command name" in result.stderr
+
+
+@pytest.mark.parametrize("bouncer", [("session", False)], indirect=True)
+def test_a_session_pool_with_no_room_is_refused_within_the_budget(
+    app: Path, db_url: str, bouncer: PgBouncer
+) -> None:
+    url = bouncer.url(db_url.rsplit("/", 1)[1])
+    # Every server session of the pool is taken by the app.
+    hogs = [psycopg.connect(url, autocommit=True) for _ in range(20)]
+    try:
+        for hog in hogs:
+            hog.execute("SELECT 1")
+        started = time.monotonic()
+        result = cli(["run", "--", *SERVICE], enabled(url, MIGRATION_LOCK_WAIT_SECONDS="3"), app)
+        elapsed = time.monotonic() - started
+    finally:
+        for hog in hogs:
+            hog.close()
+    assert elapsed < 15, elapsed  # not PgBouncer's 120 s query_wait_timeout
+    assert result.returncode == 0, result.stderr
+    assert "did not answer" in result.stderr
+    assert result.stdout == "service-started\n"
