@@ -28,9 +28,10 @@ def hide(secrets: Sequence[str]) -> None:
 
 
 def _masked(text: str) -> str:
-    for secret in _secrets:
-        text = text.replace(secret, "***")
-    return text
+    # Only a URL that was read registers secrets, so conninfo is loaded by now: no cost here.
+    from prosaas_migrate.conninfo import scrub
+
+    return scrub(text, _secrets)
 
 
 def configure(log_format: str) -> None:
@@ -61,32 +62,45 @@ def _masked_value(value: Any) -> Any:
     return value
 
 
-_real_stderr: Any = None  # set while foreign output is being wrapped
+_real_stderr: Any = None  # the process's stderr while foreign output is wrapped
 
 
 @contextmanager
 def foreign_output_as_events(source: str) -> Iterator[None]:
-    """In JSON mode, turn what a project's env.py writes to stderr into `output` events.
+    """Route what a project's env.py prints, to stdout or stderr, through the log: masked line by
+    line, and in JSON mode as `output` events. Both go to stderr: stdout belongs to the service
+    and to `status --json`'s document.
 
     Its logging.config.fileConfig() binds handlers to sys.stderr as it is at that moment, so
-    swapping sys.stderr for the upgrade catches Alembic's own log lines too.
+    swapping the streams for the upgrade catches Alembic's own log lines too.
     """
     global _real_stderr
-    if _format != "json":
+    if _real_stderr is not None:  # nested: the outer wrapping already catches everything
         yield
         return
-    _real_stderr, sys.stderr = sys.stderr, _LineEvents(source)
+    real_stdout, real_stderr = sys.stdout, sys.stderr
+    wrappers = _LineEvents(source, "stdout"), _LineEvents(source, "stderr")
+    _real_stderr = real_stderr
+    sys.stdout, sys.stderr = wrappers
     try:
         yield
     finally:
-        wrapper, sys.stderr, _real_stderr = sys.stderr, _real_stderr, None
-        if isinstance(wrapper, _LineEvents):
+        sys.stdout, sys.stderr = real_stdout, real_stderr
+        _real_stderr = None
+        for wrapper in wrappers:
             wrapper.flush_partial()
 
 
 class _LineEvents(io.TextIOBase):
-    def __init__(self, source: str) -> None:
+    """A text stream that logs each whole line written to it (a secret split over several writes
+    is still seen whole, so still masked)."""
+
+    encoding = "utf-8"  # some libraries read it before they print; every str is taken
+
+    def __init__(self, source: str, stream: str) -> None:
+        super().__init__()
         self.source = source
+        self.stream = stream
         self.pending = ""
 
     def writable(self) -> bool:
@@ -96,14 +110,18 @@ class _LineEvents(io.TextIOBase):
         self.pending += text
         *lines, self.pending = self.pending.split("\n")
         for line in lines:
-            if line.strip():
-                _emit("output", [line], source=self.source)
+            self._line(line)
         return len(text)
 
     def flush_partial(self) -> None:
-        if self.pending.strip():
-            _emit("output", [self.pending], source=self.source)
+        if self.pending:
+            self._line(self.pending)
         self.pending = ""
+
+    def _line(self, line: str) -> None:
+        if _format == "json" and not line.strip():
+            return  # an event with nothing in it
+        _emit("output", [line], source=self.source, stream=self.stream)
 
 
 def _json_line(event: str, level: str, lines: Sequence[str], fields: dict[str, Any]) -> str:
