@@ -91,8 +91,9 @@ def clean_round(cluster: Cluster, app: Path, runners: int, number: int) -> tuple
         problems.append("not every runner started its service")
     if applied_revisions(url) != REVISIONS:
         problems.append(f"revisions applied {applied_revisions(url)}")
-    if peak > runners + 1:
-        problems.append(f"peak connections {peak} > {runners + 1}")
+    # One per runner, the migrator's progress monitor, and this script's own sampler.
+    if peak > runners + 2:
+        problems.append(f"peak connections {peak} > {runners + 2}")
     migrators = sum("Migrations complete" in err for _, err in results)
     if migrators != 1:
         problems.append(f"{migrators} runners migrated")
@@ -215,7 +216,7 @@ def main() -> int:
     print(
         f"\nSTRESS PASSED: {rounds} rounds x {runners} runners: every revision exactly once, "
         f"every service started; peak connections max {max(p for _, p in timings)} "
-        f"(limit {runners + 1}); round time median {statistics.median(elapsed):.1f}s, "
+        f"(limit {runners + 2}); round time median {statistics.median(elapsed):.1f}s, "
         f"max {max(elapsed):.1f}s. {kill_rounds} kill rounds, runners killed while "
         f"{dict(phases)}: never half-applied, lock never left held.",
         flush=True,

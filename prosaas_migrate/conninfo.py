@@ -93,7 +93,22 @@ def _connect_time_problem(params: dict[str, str]) -> str | None:
         # A host name never holds these; seeing one means a password with an unencoded @ or /.
         if not host.startswith("/") and ("@" in host or "/" in host):
             return "a host name holds '@' or '/': percent-encode them in the password"
+    for key, allowed in _CHOICES.items():
+        if key in params and params[key] not in allowed:
+            return f"{key} must be one of {', '.join(allowed)}"
     return None
+
+
+# libpq's enumerated options: a typo here would otherwise cost the whole wait budget in retries.
+_CHOICES = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "gssencmode": ("disable", "prefer", "require"),
+    "channel_binding": ("disable", "prefer", "require"),
+    "target_session_attrs": (
+        "any", "read-write", "read-only", "primary", "standby", "prefer-standby",
+    ),
+    "load_balance_hosts": ("disable", "random"),
+}  # fmt: skip
 
 
 def _scrub_parse_error(exc: Exception) -> str:

@@ -472,3 +472,17 @@ def test_run_and_status_never_print_a_reviewed_leak(app: Path, db_url: str, tail
     for args in (["status"], ["status", "--json"]):
         result = cli(args, {"DATABASE_URL": text}, app)
         assert MARKER not in result.stdout + result.stderr, result.stdout
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "postgresql://h/db?sslmode=foo",
+        "postgresql://h/db?target_session_attrs=bogus",
+        "host=h dbname=db gssencmode=maybe",
+    ],
+)
+def test_a_typo_in_an_enumerated_option_is_refused_at_once(text: str) -> None:
+    # libpq would only say so when connecting: after the whole wait budget of retries.
+    with pytest.raises(ConfigError, match="must be one of"):
+        conninfo.parse("DATABASE_URL", text)
