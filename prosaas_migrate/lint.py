@@ -277,13 +277,14 @@ _DEFAULT_SCHEMA = "public"
 
 # ALLOW_GRAMMAR, read from the revision file's real comments (Python's tokenize: a marker in a
 # string or a docstring is not one). Rule names are separated by commas and/or blanks; the list
-# ends at the first ':', '--' or ' - ', and whatever follows is a reason, never read as a rule.
+# ends at the first ':', '--', ' - ' or '#' (a linter's directive after it), and whatever
+# follows is a reason, never read as a rule.
 # Every name must be a rule of RULES; anything else (a typo, a reason without a separator,
 # another word than `allow` after the marker) makes the comment allow nothing and is an
 # `unknown-allow` finding, which no comment can allow.
 _MARKER = re.compile(r"#\s*prosaas-migrate\s*:(.*)")
 _ALLOW = re.compile(r"\s*allow(?:\s+|$)(.*)")
-_REASON = re.compile(r":|--|\s-\s")
+_REASON = re.compile(r":|--|\s-\s|#")
 
 
 @dataclass(frozen=True)
@@ -366,7 +367,7 @@ def check(rendering: offline.Rendering, revisions_checked: int) -> Report:
         if path not in comments:  # once per file, even when multidb renders it per database
             comments[path] = read_allow_comments(path)
             report.findings.extend(
-                _finding("unknown-allow", chunk.revision, text, detail=problem)
+                _finding("unknown-allow", chunk.revision, checker.file, text, detail=problem)
                 for text, problem in comments[path].problems
             )
         allowed = comments[path].rules
@@ -396,8 +397,8 @@ def read_allow_comments(path: str) -> AllowComments:
                 named, wrong = _parse_allow(marker.group(1))
                 rules |= named
                 problems.extend((token.string, f"{where}: {problem}") for problem in wrong)
-    except (tokenize.TokenError, SyntaxError):
-        pass  # Alembic loaded the file, so this does not happen; if it did, nothing is allowed
+    except (tokenize.TokenError, SyntaxError, ValueError):  # a sourceless .pyc, say
+        pass  # nothing read, nothing allowed
     return AllowComments(frozenset(rules), tuple(problems))
 
 
@@ -435,6 +436,7 @@ def exit_code(report: Report) -> int:
 def _finding(
     rule_name: str,
     revision: Script,
+    file: str,
     text: str,
     *,
     table: str | None = None,
@@ -446,7 +448,7 @@ def _finding(
     return Finding(
         rule=rule_name,
         revision=revision.revision,
-        file=offline.display_path(revision.path),
+        file=file,
         statement=_shorten(text),
         lock=lock or rule.lock,
         message=rule.why.format(table=table, column=column, detail=detail),
@@ -483,6 +485,7 @@ class _Checker:
         self.created: set[_Table] = set()  # in the current revision
         self.checks: dict[_Table, dict[str, _NotNullCheck]] = {}  # across the revisions checked
         self.revision: Script | None = None
+        self.file = ""  # the revision's file as the report shows it
         self.found: list[Finding] = []
         self._handlers: dict[type, Callable[[_Statement], None]] = {
             ast.TransactionStmt: self._transaction,
@@ -503,6 +506,7 @@ class _Checker:
         if chunk.session_start:
             self.in_transaction = False
         self.revision = chunk.revision
+        self.file = offline.display_path(chunk.revision.path) if chunk.revision else ""
         self.created = set()
         self.found = []
         if chunk.error is not None:
@@ -547,6 +551,7 @@ class _Checker:
             _finding(
                 rule_name,
                 self.revision,
+                self.file,
                 _without_comments(text),
                 table=table,
                 column=column,

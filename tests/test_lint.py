@@ -596,6 +596,7 @@ def test_an_allow_comment_is_read_exactly_and_a_wrong_one_is_a_finding(tmp_path:
         "# prosaas-migrate: allow drop-table - it is empty",
         "# prosaas-migrate: allow drop-table,index-not-concurrent:empty",
         "#prosaas-migrate:allow drop-table",
+        "# noqa: E501  # prosaas-migrate: allow drop-table  # type: ignore",
     ):
         write_revision(root, "r002", "r001", 'op.drop_table("u")', header=comment)
         report = lint_at(root)
