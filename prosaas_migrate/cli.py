@@ -249,11 +249,12 @@ def lint(config_path: str | None, since: str | None, as_json: bool) -> NoReturn:
 
     Renders each revision's SQL with Alembic's offline mode (no database, no DATABASE_URL: a CI
     gate) and checks it with PostgreSQL's own parser. Exits 0 when nothing is found, 1 when
-    something is, 2 on a usage or configuration error. A revision silences a rule with a
-    comment in its own file:
+    something is, 2 on a usage or configuration error. A revision silences rules with a
+    comment in its own file (rule names separated by commas or blanks; a reason after ':',
+    '--' or ' - '):
 
     \b
-        # prosaas-migrate: allow RULE
+        # prosaas-migrate: allow RULE[, RULE...] [: reason]
 
     \b
     Example:
@@ -263,13 +264,17 @@ def lint(config_path: str | None, since: str | None, as_json: bool) -> NoReturn:
     from prosaas_migrate import lint as checks
     from prosaas_migrate import revisions
 
-    # Only the ini's location matters here: read ALEMBIC_CONFIG alone, so that a variable
-    # meant for `run` (even an invalid one) cannot fail a CI job that merely lints.
-    ini_only = {k: v for k, v in os.environ.items() if k == "ALEMBIC_CONFIG"}
-    settings = config.load(ini_only, config_option=config_path)
     try:
-        project = revisions.read_project(settings.alembic_config, settings.alembic_config_source)
-        variable = "--config" if config_path is not None else "ALEMBIC_CONFIG"
+        # Only the ini's location matters here: ALEMBIC_CONFIG alone, really set or from .env
+        # as for `run`, so that a variable meant for `run` (even an invalid one) cannot fail a
+        # CI job that merely lints.
+        ini_only = {k: v for k, v in os.environ.items() if k == "ALEMBIC_CONFIG"}
+        load_dotenv_file(ini_only, _dotenv_path())
+        ini_only = {k: v for k, v in ini_only.items() if k == "ALEMBIC_CONFIG"}
+        settings = config.load(ini_only, config_option=config_path)
+        source = settings.alembic_config_source
+        variable = checks.DEFAULT_CONFIG if source == "default" else source
+        project = revisions.read_project(settings.alembic_config, variable)
         report = checks.lint_project(project, variable, since=since)
     except MigrateError as exc:
         logs.error(str(exc))

@@ -4,11 +4,12 @@ A revision is dangerous during a rolling deploy when it holds a strong lock for 
 that already has rows, or breaks the image that is still running. Each rule below names the lock
 PostgreSQL takes (tests check it against a real server), why it hurts and the safe way to write
 it. Statements on a table created earlier in the same revision are exempt from the table rules:
-nobody reads it yet. A revision file silences a rule with `# prosaas-migrate: allow <rule>`.
+nobody reads it yet. A revision file silences rules with a comment (ALLOW_GRAMMAR below).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -18,8 +19,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import pglast
 from pglast import ast
-from pglast.enums import AlterTableType, ConstrType, ObjectType, TransactionStmtKind
-from pglast.parser import ParseError, parse_sql_json, split
+from pglast.enums import (
+    AlterTableType,
+    BoolExprType,
+    ConstrType,
+    NullTestType,
+    ObjectType,
+    TransactionStmtKind,
+)
+from pglast.parser import ParseError, parse_sql_json, scan, split
 
 from prosaas_migrate import offline
 
@@ -29,6 +37,9 @@ if TYPE_CHECKING:
     from prosaas_migrate.revisions import Project
 
 STATEMENT_WIDTH = 120
+ALLOW_GRAMMAR = "# prosaas-migrate: allow RULE[, RULE...] [: reason]"
+# What errors name when neither --config nor ALEMBIC_CONFIG chose the config.
+DEFAULT_CONFIG = "./alembic.ini (the default; set ALEMBIC_CONFIG or --config)"
 _AUTOCOMMIT = "`with op.get_context().autocommit_block():`"
 
 
@@ -90,7 +101,8 @@ RULES: dict[str, Rule] = {
             "SET NOT NULL on {table}.{column} scans the whole table while holding ACCESS EXCLUSIVE",
             "ADD CONSTRAINT ... CHECK ({column} IS NOT NULL) NOT VALID, VALIDATE CONSTRAINT in a "
             "later transaction, then SET NOT NULL (PostgreSQL 12+ skips the scan) and drop the "
-            "check",
+            "check. lint sees such a check only when it was added in the revisions it checks: "
+            "one validated before them (before --since) is invisible here, so allow the finding",
         ),
         Rule(
             "foreign-key-without-not-valid",
@@ -114,6 +126,14 @@ RULES: dict[str, Rule] = {
             "writes wait for the whole build",
             "CREATE UNIQUE INDEX CONCURRENTLY first (inside an autocommit_block), then "
             "ADD CONSTRAINT ... {detail} USING INDEX",
+        ),
+        Rule(
+            "exclusion-constraint",
+            "ACCESS EXCLUSIVE",
+            "builds the exclusion constraint's index while holding ACCESS EXCLUSIVE on {table}: "
+            "reads and writes wait for the whole build",
+            "PostgreSQL has no concurrent way to add one (no EXCLUDE ... USING INDEX): add it "
+            "when the table is created, or allow it where the table is known to be small",
         ),
         Rule(
             "rename-column",
@@ -177,11 +197,18 @@ RULES: dict[str, Rule] = {
             "PostgreSQL's parser rejects this SQL: {detail}",
             "fix the SQL; the server would reject it the same way",
         ),
+        Rule(
+            "unknown-allow",
+            None,
+            "an allow comment lint cannot read, so it allows nothing: {detail}",
+            f"write `{ALLOW_GRAMMAR}` with rule names from the table; a reason goes after "
+            "':', '--' or ' - '",
+        ),
     )
 }
 # Findings that are about the revision itself, not about a table: never exempt.
 _NOT_TABLE_RULES = frozenset(
-    {"concurrently-in-transaction", "offline-render-failed", "syntax-error"}
+    {"concurrently-in-transaction", "offline-render-failed", "syntax-error", "unknown-allow"}
 )
 
 # Functions known not to be volatile (checked against pg_proc in the tests): as a column default
@@ -245,7 +272,19 @@ _CHECKED_STATEMENTS = frozenset(
     }
 )
 _SHARE = 5  # the weakest mode that blocks INSERT, UPDATE and DELETE
-_ALLOW = re.compile(r"#\s*prosaas-migrate:\s*allow\b([^#\n]*)")
+# Unqualified names resolve through the default search_path ("$user", public): public.
+_DEFAULT_SCHEMA = "public"
+
+# ALLOW_GRAMMAR, read from the revision file's real comments (Python's tokenize: a marker in a
+# string or a docstring is not one). Rule names are separated by commas and/or blanks; the list
+# ends at the first ':', '--', ' - ' or '#' (a linter's directive after it), and whatever
+# follows is a reason, never read as a rule.
+# Every name must be a rule of RULES; anything else (a typo, a reason without a separator,
+# another word than `allow` after the marker) makes the comment allow nothing and is an
+# `unknown-allow` finding, which no comment can allow.
+_MARKER = re.compile(r"#\s*prosaas-migrate\s*:(.*)")
+_ALLOW = re.compile(r"\s*allow(?:\s+|$)(.*)")
+_REASON = re.compile(r":|--|\s-\s|#")
 
 
 @dataclass(frozen=True)
@@ -282,6 +321,14 @@ class Report:
         }
 
 
+@dataclass(frozen=True)
+class AllowComments:
+    """The rules a revision file allows, and its allow comments that lint cannot read."""
+
+    rules: frozenset[str] = frozenset()
+    problems: tuple[tuple[str, str], ...] = ()  # (the comment, what is wrong with it)
+
+
 def lint_project(project: Project, variable: str, *, since: str | None = None) -> Report:
     """Render the project's revisions offline (all, or those after `since`) and check them."""
     cfg, script = offline.load_script_directory(project, variable)
@@ -311,24 +358,74 @@ def check(rendering: offline.Rendering, revisions_checked: int) -> Report:
         renderer_note=rendering.fallback_reason or rendering.warning,
     )
     checker = _Checker()
+    comments: dict[str, AllowComments] = {}
     for chunk in rendering.chunks:
         found = checker.chunk(chunk)
-        allowed = allowed_rules(chunk.revision.path) if found and chunk.revision else frozenset()
+        if chunk.revision is None:
+            continue
+        path = chunk.revision.path
+        if path not in comments:  # once per file, even when multidb renders it per database
+            comments[path] = read_allow_comments(path)
+            report.findings.extend(
+                _finding("unknown-allow", chunk.revision, checker.file, text, detail=problem)
+                for text, problem in comments[path].problems
+            )
+        allowed = comments[path].rules
         report.findings.extend(finding for finding in found if finding.rule not in allowed)
         report.allowed += sum(finding.rule in allowed for finding in found)
     return report
 
 
-def allowed_rules(path: str) -> frozenset[str]:
-    """The rules a revision file allows with `# prosaas-migrate: allow rule[, rule...]`."""
+def read_allow_comments(path: str) -> AllowComments:
+    """The rules a revision file allows in its comments (ALLOW_GRAMMAR), and what is unreadable."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as source:
-            text = source.read()
+        with open(path, "rb") as source:
+            data = source.read()
     except OSError:
-        return frozenset()
-    return frozenset(
-        name for match in _ALLOW.finditer(text) for name in re.split(r"[\s,]+", match.group(1))
-    ) - {""}
+        return AllowComments()
+    if b"prosaas-migrate" not in data:  # tokenizing every file would cost more than rendering
+        return AllowComments()
+    import tokenize
+
+    rules: set[str] = set()
+    problems: list[tuple[str, str]] = []
+    try:
+        for token in tokenize.tokenize(io.BytesIO(data).readline):
+            marker = _MARKER.search(token.string) if token.type == tokenize.COMMENT else None
+            if marker is not None:
+                where = f"line {token.start[0]}"
+                named, wrong = _parse_allow(marker.group(1))
+                rules |= named
+                problems.extend((token.string, f"{where}: {problem}") for problem in wrong)
+    except (tokenize.TokenError, SyntaxError, ValueError):  # a sourceless .pyc, say
+        pass  # nothing read, nothing allowed
+    return AllowComments(frozenset(rules), tuple(problems))
+
+
+def _parse_allow(directive: str) -> tuple[set[str], list[str]]:
+    """The rules named after `prosaas-migrate:`, and what is wrong with the rest (if anything)."""
+    allow = _ALLOW.fullmatch(directive)
+    if allow is None:
+        return set(), [f"{directive.strip()!r} does not start with 'allow'"]
+    names = [name for name in re.split(r"[\s,]+", _REASON.split(allow.group(1), 1)[0]) if name]
+    if not names:
+        return set(), ["it names no rule"]
+    if "unknown-allow" in names:
+        return set(), ["unknown-allow cannot be allowed"]
+    unknown = [name for name in names if name not in RULES]
+    if not unknown:
+        return set(names), []
+    listed = ", ".join(repr(name) for name in unknown)
+    problem = f"{listed} {'is not a rule' if len(unknown) == 1 else 'are not rules'}"
+    from difflib import get_close_matches
+
+    guesses = {name: get_close_matches(name, RULES, n=1) for name in unknown}
+    meant = [(name, close[0]) for name, close in guesses.items() if close]
+    if len(unknown) == 1 and meant:
+        problem += f" (did you mean {meant[0][1]}?)"
+    elif meant:
+        problem += f" (did you mean {', '.join(f'{rule} for {name!r}' for name, rule in meant)}?)"
+    return set(), [problem]  # a comment lint cannot read allows nothing
 
 
 def exit_code(report: Report) -> int:
@@ -336,7 +433,33 @@ def exit_code(report: Report) -> int:
     return 1 if report.findings else 0
 
 
+def _finding(
+    rule_name: str,
+    revision: Script,
+    file: str,
+    text: str,
+    *,
+    table: str | None = None,
+    column: str | None = None,
+    detail: str | None = None,
+    lock: str | None = None,
+) -> Finding:
+    rule = RULES[rule_name]
+    return Finding(
+        rule=rule_name,
+        revision=revision.revision,
+        file=file,
+        statement=_shorten(text),
+        lock=lock or rule.lock,
+        message=rule.why.format(table=table, column=column, detail=detail),
+        hint=rule.hint.format(table=table, column=column, detail=detail),
+        table=table,
+    )
+
+
 # -- the rules over parse trees ----------------------------------------------------------------
+
+_Table = tuple[str, str]  # (schema, name), an unqualified name in the default schema
 
 
 @dataclass
@@ -345,19 +468,30 @@ class _Statement:
     text: str
 
 
+@dataclass
+class _NotNullCheck:
+    """A CHECK constraint that proves columns NOT NULL, as PostgreSQL 12+ uses it."""
+
+    proves: set[str]  # the columns whose SET NOT NULL it makes a catalog-only change
+    mentions: set[str]  # every column it reads: dropping any of them drops the constraint
+    validated: bool
+
+
 class _Checker:
-    """Walks the chunks in output order, tracking the transaction state across revisions."""
+    """Walks the chunks in output order, tracking transactions and constraints across revisions."""
 
     def __init__(self) -> None:
         self.in_transaction = False
-        self.created: set[tuple[str | None, str]] = set()
+        self.created: set[_Table] = set()  # in the current revision
+        self.checks: dict[_Table, dict[str, _NotNullCheck]] = {}  # across the revisions checked
         self.revision: Script | None = None
-        self.file = ""
+        self.file = ""  # the revision's file as the report shows it
         self.found: list[Finding] = []
         self._handlers: dict[type, Callable[[_Statement], None]] = {
             ast.TransactionStmt: self._transaction,
             ast.CreateStmt: self._create_table,
             ast.CreateTableAsStmt: self._create_table_as,
+            ast.SelectStmt: self._select_into,
             ast.IndexStmt: self._index,
             ast.AlterTableStmt: self._alter_table,
             ast.RenameStmt: self._rename,
@@ -413,27 +547,21 @@ class _Checker:
         lock: str | None = None,
     ) -> None:
         assert self.revision is not None
-        rule = RULES[rule_name]
         self.found.append(
-            Finding(
-                rule=rule_name,
-                revision=self.revision.revision,
-                file=self.file,
-                statement=_shorten(text),
-                lock=lock or rule.lock,
-                message=rule.why.format(table=table, column=column, detail=detail),
-                hint=rule.hint.format(table=table, column=column, detail=detail),
+            _finding(
+                rule_name,
+                self.revision,
+                self.file,
+                _without_comments(text),
                 table=table,
+                column=column,
+                detail=detail,
+                lock=lock,
             )
         )
 
     def _is_new(self, relation: Any) -> bool:
-        if relation is None:
-            return False
-        return any(
-            name == relation.relname and (schema is None or relation.schemaname in (None, schema))
-            for schema, name in self.created
-        )
+        return relation is not None and _table(relation) in self.created
 
     def _on_table(self, rule: str, statement: _Statement, relation: Any, **kw: str | None) -> None:
         """A finding about an existing table; none when the revision created it itself."""
@@ -454,13 +582,27 @@ class _Checker:
             self.in_transaction = False
 
     def _create_table(self, statement: _Statement) -> None:
-        self._remember(statement.node.relation)
+        node = statement.node
+        if node.if_not_exists:
+            return  # it may exist already, with rows: not new, and its checks are unknown
+        table = _table(node.relation)
+        self.created.add(table)
+        self.checks.pop(table, None)
+        for element in node.tableElts or ():
+            if isinstance(element, ast.ColumnDef):
+                for constraint in element.constraints or ():
+                    self._remember_check(table, constraint, validated=True)
+            else:  # a new table is empty: PostgreSQL marks even a NOT VALID check validated
+                self._remember_check(table, element, validated=True)
 
     def _create_table_as(self, statement: _Statement) -> None:
-        self._remember(statement.node.into.rel)
+        if not statement.node.if_not_exists:
+            self.created.add(_table(statement.node.into.rel))
 
-    def _remember(self, relation: Any) -> None:
-        self.created.add((relation.schemaname, relation.relname))
+    def _select_into(self, statement: _Statement) -> None:
+        into = statement.node.intoClause
+        if into is not None:  # SELECT ... INTO creates the table, as CREATE TABLE AS does
+            self.created.add(_table(into.rel))
 
     def _index(self, statement: _Statement) -> None:
         node = statement.node
@@ -474,7 +616,7 @@ class _Checker:
             self._report("concurrently-in-transaction", statement.text, detail=what)
 
     def _reindex(self, statement: _Statement) -> None:
-        if any(option.defname == "concurrently" for option in statement.node.params or ()):
+        if _option_on(statement.node.params, "concurrently"):
             self._concurrently(statement, "REINDEX CONCURRENTLY")
 
     def _alter_table(self, statement: _Statement) -> None:
@@ -492,7 +634,10 @@ class _Checker:
         on_table = partial(self._on_table, statement=statement, relation=relation)
         type_name = column.typeName.names[-1].sval if column.typeName else ""
         default = constraints.get(ConstrType.CONSTR_DEFAULT)
-        fills = default is not None or type_name in _SERIAL_TYPES
+        # DEFAULT NULL (what server_default=sa.null() renders) fills nothing.
+        fills = (default is not None and not _is_null(default.raw_expr)) or (
+            type_name in _SERIAL_TYPES
+        )
         if (
             not fills
             and {ConstrType.CONSTR_IDENTITY, ConstrType.CONSTR_GENERATED} & constraints.keys()
@@ -505,7 +650,7 @@ class _Checker:
         rewrite = _rewriting_fill(type_name, constraints)
         if rewrite:
             on_table(rule="volatile-default", column=column.colname, detail=rewrite)
-        for constraint in constraints.values():
+        for constraint in column.constraints or ():
             self._constraint(statement, relation, constraint)
 
     def _add_constraint(self, statement: _Statement, relation: Any, command: Any) -> None:
@@ -523,15 +668,31 @@ class _Checker:
         ):
             detail = "UNIQUE" if kind == ConstrType.CONSTR_UNIQUE else "PRIMARY KEY"
             on_table(rule="unique-without-index", detail=detail)
+        elif kind == ConstrType.CONSTR_EXCLUSION:
+            on_table(rule="exclusion-constraint")
+        self._remember_check(_table(relation), constraint, validated=not constraint.skip_validation)
 
     def _alter_type(self, statement: _Statement, relation: Any, command: Any) -> None:
         self._on_table("column-type-change", statement, relation, column=command.name)
 
     def _set_not_null(self, statement: _Statement, relation: Any, command: Any) -> None:
-        self._on_table("set-not-null", statement, relation, column=command.name)
+        checks = self.checks.get(_table(relation), {}).values()
+        if not any(check.validated and command.name in check.proves for check in checks):
+            self._on_table("set-not-null", statement, relation, column=command.name)
 
     def _drop_column(self, statement: _Statement, relation: Any, command: Any) -> None:
         self._on_table("drop-column", statement, relation, column=command.name)
+        checks = self.checks.get(_table(relation), {})
+        for name in [name for name, check in checks.items() if command.name in check.mentions]:
+            del checks[name]
+
+    def _validate_constraint(self, _statement: _Statement, relation: Any, command: Any) -> None:
+        check = self.checks.get(_table(relation), {}).get(command.name)
+        if check is not None:
+            check.validated = True
+
+    def _drop_constraint(self, _statement: _Statement, relation: Any, command: Any) -> None:
+        self.checks.get(_table(relation), {}).pop(command.name, None)
 
     _commands: ClassVar[dict[AlterTableType, Callable[[_Checker, _Statement, Any, Any], None]]] = {
         AlterTableType.AT_AddColumn: _add_column,
@@ -539,15 +700,35 @@ class _Checker:
         AlterTableType.AT_AlterColumnType: _alter_type,
         AlterTableType.AT_SetNotNull: _set_not_null,
         AlterTableType.AT_DropColumn: _drop_column,
+        AlterTableType.AT_ValidateConstraint: _validate_constraint,
+        AlterTableType.AT_DropConstraint: _drop_constraint,
     }
+
+    def _remember_check(self, table: _Table, constraint: Any, *, validated: bool) -> None:
+        """Note a CHECK constraint that proves some column NOT NULL (for set-not-null)."""
+        if (
+            not isinstance(constraint, ast.Constraint)
+            or constraint.contype != ConstrType.CONSTR_CHECK
+        ):
+            return
+        proves = _proven_not_null(constraint.raw_expr)
+        if not proves:
+            return
+        mentions = _columns(constraint.raw_expr)
+        # PostgreSQL's own name for an unnamed check: <table>_<column>_check when it reads
+        # exactly one column, else <table>_check (short names; no clash numbering).
+        only = next(iter(mentions)) if len(mentions) == 1 else None
+        name = constraint.conname or "_".join(filter(None, (table[1], only, "check")))
+        self.checks.setdefault(table, {})[name] = _NotNullCheck(proves, mentions, validated)
 
     def _rename(self, statement: _Statement) -> None:
         node = statement.node
         if node.renameType == ObjectType.OBJECT_TABLE:
+            old, new = _table(node.relation), (_table(node.relation)[0], node.newname)
+            if old in self.checks:
+                self.checks[new] = self.checks.pop(old)
             if self._is_new(node.relation):
-                self._remember(
-                    ast.RangeVar(schemaname=node.relation.schemaname, relname=node.newname)
-                )
+                self.created.add(new)
             else:
                 self._report("rename-table", statement.text, table=_name(node.relation))
         elif (
@@ -555,6 +736,15 @@ class _Checker:
             and node.relationType == ObjectType.OBJECT_TABLE
         ):
             self._on_table("rename-column", statement, node.relation, column=node.subname)
+            for check in self.checks.get(_table(node.relation), {}).values():
+                for names in (check.proves, check.mentions):
+                    if node.subname in names:
+                        names.discard(node.subname)
+                        names.add(node.newname)
+        elif node.renameType == ObjectType.OBJECT_TABCONSTRAINT:
+            checks = self.checks.get(_table(node.relation), {})
+            if node.subname in checks:
+                checks[node.newname] = checks.pop(node.subname)
 
     def _drop(self, statement: _Statement) -> None:
         node = statement.node
@@ -568,10 +758,11 @@ class _Checker:
                 schemaname=parts[-2] if len(parts) > 1 else None, relname=parts[-1]
             )
             self._on_table("drop-table", statement, relation)
+            self.checks.pop(_table(relation), None)
 
     def _vacuum(self, statement: _Statement) -> None:
         node = statement.node
-        if not node.is_vacuumcmd or not any(o.defname == "full" for o in node.options or ()):
+        if not node.is_vacuumcmd or not _option_on(node.options, "full"):
             return
         relations = [rel.relation for rel in node.rels or ()] or [None]
         for relation in relations:
@@ -597,12 +788,41 @@ def _checked_statements(sql: str) -> Iterator[str]:
     The parser's JSON output finds them: building pglast's Python tree for every statement
     (each INSERT, UPDATE, version-table write) would cost about as much as rendering them.
     """
+    try:
+        statements = json.loads(parse_sql_json(sql)).get("stmts", ())
+    except RecursionError:  # a deeply nested expression (DEFAULT 1+1+...): too deep for json
+        yield from _checked_statements_deep(sql)
+        return
     encoded = sql.encode()  # the parser's offsets count bytes
-    for raw in json.loads(parse_sql_json(sql)).get("stmts", ()):
-        if next(iter(raw["stmt"])) in _CHECKED_STATEMENTS:
+    for raw in statements:
+        kind, node = next(iter(raw["stmt"].items()))
+        if kind in _CHECKED_STATEMENTS or (kind == "SelectStmt" and "intoClause" in node):
             start = raw.get("stmt_location", 0)
             stop = start + raw["stmt_len"] if raw.get("stmt_len") else len(encoded)
             yield encoded[start:stop].decode()
+
+
+def _checked_statements_deep(sql: str) -> Iterator[str]:
+    """_checked_statements through pglast's tree, which it builds without Python recursion."""
+    for raw in pglast.parse_sql(sql):
+        kind = type(raw.stmt).__name__
+        if kind in _CHECKED_STATEMENTS or getattr(raw.stmt, "intoClause", None) is not None:
+            start = raw.stmt_location or 0
+            yield sql[start : start + raw.stmt_len if raw.stmt_len else len(sql)]
+
+
+def _option_on(options: Any, name: str) -> bool:
+    """Whether a (name [value]) option is on, read as PostgreSQL's defGetBoolean reads it."""
+    for option in options or ():
+        if option.defname != name:
+            continue
+        value = option.arg
+        if isinstance(value, ast.Integer):
+            return bool(value.ival != 0)
+        if isinstance(value, ast.String):
+            return str(value.sval).lower() not in ("false", "off")
+        return True  # no value: on
+    return False
 
 
 def _rewriting_fill(type_name: str, constraints: dict[Any, Any]) -> str | None:
@@ -623,18 +843,78 @@ def _rewriting_fill(type_name: str, constraints: dict[Any, Any]) -> str | None:
     return f"the default calls {', '.join(f'{name}()' for name in volatile)}, volatile"
 
 
-def _functions(node: Any) -> set[str]:
+def _nodes(root: Any) -> Iterator[Any]:
+    """Every node of an expression tree, without recursion (a DEFAULT 1+1+... nests deep)."""
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, tuple | list):
+            stack.extend(node)
+        elif isinstance(node, ast.Node):
+            yield node
+            stack.extend(getattr(node, attribute) for attribute in node)
+
+
+def _functions(expression: Any) -> set[str]:
     """The names of the functions an expression calls (its SQL value functions are stable)."""
-    found: set[str] = set()
-    if isinstance(node, tuple | list):
-        for item in node:
-            found |= _functions(item)
-    elif isinstance(node, ast.Node):
-        if isinstance(node, ast.FuncCall) and node.funcname:
-            found.add(str(node.funcname[-1].sval).lower())
-        for attribute in node:
-            found |= _functions(getattr(node, attribute))
-    return found
+    return {
+        str(node.funcname[-1].sval).lower()
+        for node in _nodes(expression)
+        if isinstance(node, ast.FuncCall) and node.funcname
+    }
+
+
+def _columns(expression: Any) -> set[str]:
+    """The columns an expression reads (a qualified t.a is a)."""
+    found = (_column(node) for node in _nodes(expression))
+    return {column for column in found if column is not None}
+
+
+def _proven_not_null(expression: Any) -> set[str]:
+    """The columns a CHECK proves NOT NULL the way PostgreSQL's planner proves it.
+
+    Checked against the server in the tests: `c IS NOT NULL` and `NOT (c IS NULL)`, alone or
+    ANDed with anything; not a strict comparison (`c > 0` lets NULL through a CHECK), not OR.
+    """
+    proven: set[str] = set()
+    stack = [expression]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.BoolExpr) and node.boolop == BoolExprType.AND_EXPR:
+            stack.extend(node.args or ())
+            continue
+        column = _null_test(node, NullTestType.IS_NOT_NULL)
+        if isinstance(node, ast.BoolExpr) and node.boolop == BoolExprType.NOT_EXPR and node.args:
+            column = _null_test(node.args[0], NullTestType.IS_NULL)
+        if column is not None:
+            proven.add(column)
+    return proven
+
+
+def _null_test(node: Any, kind: NullTestType) -> str | None:
+    """The column of `column IS [NOT] NULL` (as `kind` says), else None."""
+    if isinstance(node, ast.NullTest) and node.nulltesttype == kind:
+        return _column(node.arg)
+    return None
+
+
+def _column(node: Any) -> str | None:
+    """The column a ColumnRef names (a qualified t.a is a), else None."""
+    if not isinstance(node, ast.ColumnRef) or not node.fields:
+        return None
+    last = node.fields[-1]
+    return str(last.sval) if isinstance(last, ast.String) else None
+
+
+def _is_null(expression: Any) -> bool:
+    """NULL, or NULL cast to a type (DEFAULT NULL::integer)."""
+    while isinstance(expression, ast.TypeCast):
+        expression = expression.arg
+    return isinstance(expression, ast.A_Const) and bool(expression.isnull)
+
+
+def _table(relation: Any) -> _Table:
+    return (relation.schemaname or _DEFAULT_SCHEMA, relation.relname)
 
 
 def _name(relation: Any) -> str:
@@ -646,6 +926,23 @@ def _name(relation: Any) -> str:
 def _shorten(text: str) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= STATEMENT_WIDTH else flat[: STATEMENT_WIDTH - 3] + "..."
+
+
+def _without_comments(text: str) -> str:
+    """The SQL without its -- and /* */ comments (Alembic's `-- Running upgrade` among them)."""
+    if "--" not in text and "/*" not in text:
+        return text
+    try:
+        tokens = scan(text)
+    except ParseError:  # an unterminated string: the scanner cannot tell comments apart
+        return text
+    kept, position = [], 0
+    for token in tokens:
+        if token.name in ("SQL_COMMENT", "C_COMMENT"):
+            kept.append(text[position : token.start] + " ")
+            position = token.end + 1
+    kept.append(text[position:])
+    return "".join(kept)
 
 
 def _around(sql: str, location: int) -> str:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,8 +23,6 @@ from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext, MigrationStep
 from alembic.script import Script, ScriptDirectory
-from alembic.script.revision import RevisionError
-from alembic.util import CommandError
 from sqlalchemy import event
 from sqlalchemy.engine import Dialect
 
@@ -36,6 +35,10 @@ if TYPE_CHECKING:
 # socket that cannot exist, so that even a connection the guard missed goes nowhere.
 OFFLINE_URL = "postgresql+psycopg:///offline?host=/dev/null/prosaas-migrate-lint"
 OWN_RENDERER = "prosaas-migrate"
+# Alembic matches a prefix (of any length) only against ids of 4 or more characters.
+SINCE_EXPECTED = (
+    "a revision of this project: an id, a unique prefix of an id of 4+ characters, base or heads"
+)
 ENV_PY_RENDERER = "env.py"
 
 
@@ -77,34 +80,101 @@ def load_script_directory(project: Project, variable: str) -> tuple[Config, Scri
     cfg = Config(file_=ini_path, toml_file=project.toml_path)
     cfg.set_main_option("sqlalchemy.url", OFFLINE_URL)
     try:
+        _check_toml_types(cfg, project.toml_path)
         script = ScriptDirectory.from_config(cfg)
-    except CommandError as exc:
-        raise ConfigError(variable, project.path, f"an Alembic project ({exc})") from None
+    except ConfigError:
+        raise
+    except Exception as exc:  # Alembic trusts the config's types: a TypeError is a bad value
+        raise ConfigError(variable, project.path, f"an Alembic project ({one_line(exc)})") from None
     try:
         script.revision_map.heads  # noqa: B018 - loads every revision file now
     except SyntaxError as exc:
         where = f"{display_path(exc.filename)}:{exc.lineno}" if exc.filename else project.path
         raise RevisionsUnreadable(where, f"SyntaxError: {exc.msg}") from None
-    except Exception as exc:  # a revision file that raises on import, a cycle, a missing parent
+    except (Exception, SystemExit) as exc:  # a file that raises or exits on import, a cycle...
         raise RevisionsUnreadable(script.versions, one_line(exc)) from None
     return cfg, script
+
+
+def _is_str(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def _is_bool(value: object) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    if isinstance(value, str):
+        return value.strip().isdigit()
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_strings(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _is_hooks(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(hook, dict) and _is_strings(list(hook.values())) for hook in value
+    )
+
+
+# What Alembic expects of each [tool.alembic] key it reads to find the revisions. It does not
+# check them itself: `version_locations = 5` is a TypeError, and a string where a list belongs
+# is split into one-letter folders, so no revision would be found and lint would pass.
+_TOML_TYPES: dict[str, tuple[str, Callable[[object], bool]]] = {
+    "script_location": ("a string", _is_str),
+    "file_template": ("a string", _is_str),
+    "output_encoding": ("a string", _is_str),
+    "timezone": ("a string", _is_str),
+    "truncate_slug_length": ("an integer", _is_int),
+    "version_locations": ("a list of strings", _is_strings),
+    "prepend_sys_path": ("a list of strings", _is_strings),
+    "sourceless": ("true or false", _is_bool),
+    "recursive_version_locations": ("true or false", _is_bool),
+    "post_write_hooks": ("a list of tables of strings", _is_hooks),
+}
+
+
+def _check_toml_types(cfg: Config, toml_path: str | None) -> None:
+    """ConfigError naming the pyproject.toml key whose value Alembic would choke on."""
+    if toml_path is None:
+        return
+    settings = cfg.toml_alembic_config
+    for key, (expected, fits) in _TOML_TYPES.items():
+        if key not in settings or cfg.file_config.has_option(cfg.config_ini_section, key):
+            continue  # absent, or the ini's value wins (Alembic reads the ini first)
+        if not fits(settings[key]):
+            raise ConfigError(
+                f"[tool.alembic] {key} in {toml_path}", json.dumps(settings[key]), expected
+            )
 
 
 def select(script: ScriptDirectory, since: str | None) -> tuple[list[Script], tuple[str, ...]]:
     """The revisions to render in upgrade order, and the heads they start from.
 
     Without `since`, every revision from base. With it, what `alembic upgrade heads` would apply
-    to a database at `since` (what a branch adds to it); ConfigError when `since` is unknown.
+    to a database at `since` (what a branch adds to it); ConfigError for any `since` Alembic
+    cannot resolve (unknown, ambiguous, empty).
     """
-    start: tuple[str, ...] = ()
-    if since is not None:
+    if since is None:
+        start: tuple[str, ...] = ()
+    elif not since.strip():
+        # Alembic answers an empty id with an AssertionError; in CI it means the command that
+        # was to print the revision printed nothing.
+        raise ConfigError("--since", since, f"{SINCE_EXPECTED}, not an empty string")
+    else:
         try:
             found = script.revision_map.get_revisions(since)
-        except (RevisionError, CommandError) as exc:
-            raise ConfigError("--since", since, f"a revision of this project ({exc})") from None
+        except Exception as exc:  # RevisionError, CommandError, and asserts on odd input
+            raise ConfigError("--since", since, f"{SINCE_EXPECTED} ({one_line(exc)})") from None
         start = tuple(r.revision for r in found if r is not None and not isinstance(r, str))
-    ordered = script.revision_map.iterate_revisions("heads", start, implicit_base=True)
-    return [r for r in reversed(list(ordered)) if isinstance(r, Script)], start
+    try:
+        ordered = list(script.revision_map.iterate_revisions("heads", start, implicit_base=True))
+    except Exception as exc:
+        raise ConfigError("--since", since, f"{SINCE_EXPECTED} ({one_line(exc)})") from None
+    return [r for r in reversed(ordered) if isinstance(r, Script)], start
 
 
 def render(
@@ -188,7 +258,7 @@ def _session(
                 _run_own_env(context, {} if engine is None else {"engine_name": engine})
             else:
                 script.run_env()
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # sys.exit() in env.py or a revision, too
             error = exc
     if error is not None and not feeder.started and not own:
         result.renderer = OWN_RENDERER
@@ -336,5 +406,7 @@ def display_path(path: str) -> str:
 
 
 def one_line(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"SystemExit: it called sys.exit({exc.code!r})"
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

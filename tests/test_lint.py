@@ -132,6 +132,19 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
             'op.execute("ALTER TABLE t ADD COLUMN c text NOT NULL")',
             "op.execute(\"ALTER TABLE t ADD COLUMN c text NOT NULL DEFAULT ''\")",
         ),
+        (
+            # server_default=sa.null() renders DEFAULT NULL: no value for the existing rows.
+            "op-default-null",
+            'op.add_column("t", sa.Column("c", sa.Integer, nullable=False, '
+            "server_default=sa.null()))",
+            'op.add_column("t", sa.Column("c", sa.Integer, nullable=True, '
+            "server_default=sa.null()))",
+        ),
+        (
+            "sql-default-null",
+            'op.execute("ALTER TABLE t ADD COLUMN c int NOT NULL DEFAULT NULL::integer")',
+            'op.execute("ALTER TABLE t ADD COLUMN c int NOT NULL DEFAULT 0::integer")',
+        ),
     ],
     "volatile-default": [
         (
@@ -228,6 +241,22 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
             'op.execute("ALTER TABLE t ADD CONSTRAINT uq_t_b UNIQUE USING INDEX ix_t_a")',
         ),
     ],
+    "exclusion-constraint": [
+        (
+            "op",
+            'op.create_exclude_constraint("ex_t_b", "t", ("b", "="), using="gist")',
+            "from sqlalchemy.dialects.postgresql import ExcludeConstraint\n"
+            'op.create_table("fresh", sa.Column("b", sa.Integer), '
+            'ExcludeConstraint(("b", "="), using="gist"))',
+        ),
+        (
+            "sql",
+            'op.execute("ALTER TABLE t ADD CONSTRAINT ex EXCLUDE USING gist '
+            "(int4range(a, b, '[]') WITH &&)\")",
+            'op.execute("CREATE TABLE fresh (a int, b int, EXCLUDE USING gist '
+            "(int4range(a, b, '[]') WITH &&))\")",
+        ),
+    ],
     "rename-column": [
         (
             "op",
@@ -282,6 +311,14 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
             f'{BLOCK}    op.execute("VACUUM (FULL, ANALYZE) t")',
             f'{BLOCK}    op.execute("VACUUM (ANALYZE) t")',
         ),
+        (
+            # Read as PostgreSQL reads a boolean option: 1/true/on, 0/false/off (any case).
+            "sql-option-value",
+            f'{BLOCK}    op.execute("VACUUM (FULL 1, ANALYZE) t")',
+            f'{BLOCK}    op.execute("VACUUM (FULL false) t")\n'
+            f'    op.execute("VACUUM (FULL OFF) t")\n'
+            f'    op.execute("VACUUM (FULL 0) t")',
+        ),
     ],
     "cluster": [
         ("sql", 'op.execute("CLUSTER t USING ix_t_a")', 'op.execute("ANALYZE t")'),
@@ -303,7 +340,7 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
     ],
 }
 # Rules about a revision as a whole, each with tests of its own below.
-SEPARATELY_TESTED = {"offline-render-failed"}
+SEPARATELY_TESTED = {"offline-render-failed", "unknown-allow"}
 
 
 def test_every_rule_has_cases() -> None:
@@ -338,6 +375,7 @@ def test_rule_fires_and_its_safe_twin_does_not(
     assert finding.file == str(Path("migrations/versions/r002.py"))
     assert finding.lock == lint.RULES[rule].lock or rule == "lock-table"
     assert finding.statement and finding.message and finding.hint
+    assert "--" not in finding.statement  # Alembic's "-- Running upgrade" comment is not SQL
 
     good = new_project(tmp_path / "safe")
     write_revision(good, "r002", "r001", safe)
@@ -436,7 +474,9 @@ def test_a_table_created_in_the_same_revision_is_exempt(tmp_path: Path, style: s
             op.execute("LOCK TABLE fresh")
             op.execute("CREATE TABLE copy AS SELECT * FROM t")
             op.execute("CREATE INDEX ix_copy ON copy (a)")
-            op.execute("DROP TABLE fresh, copy")
+            op.execute("SELECT * INTO selected FROM t")
+            op.execute("CREATE INDEX ix_selected ON selected (a)")
+            op.execute("DROP TABLE fresh, copy, selected")
             op.execute("CREATE INDEX CONCURRENTLY ix_fresh2 ON fresh (u_id)")
             op.execute("CREATE INDEX ix_t_b ON t (b)")
             """,
@@ -489,6 +529,111 @@ def test_an_allow_comment_silences_its_rule_in_its_revision_only(tmp_path: Path)
     assert (
         "no findings in 1 revision checked; 1 allowed by a comment in the revision" in result.output
     )
+
+
+@pytest.mark.parametrize(
+    "create",
+    [
+        'op.create_table("fresh", sa.Column("id", sa.Integer), if_not_exists=True)',
+        'op.execute("CREATE TABLE IF NOT EXISTS fresh (id int)")',
+        'op.execute("CREATE TABLE IF NOT EXISTS fresh AS SELECT * FROM t")',
+    ],
+    ids=["op", "sql", "sql-as"],
+)
+def test_create_table_if_not_exists_is_not_a_new_table(tmp_path: Path, create: str) -> None:
+    """The table may exist already, with rows: what follows on it is checked as on any table."""
+    root = new_project(tmp_path)
+    write_revision(root, "r002", "r001", f'{create}\nop.create_index("ix", "fresh", ["id"])')
+    assert [(f.rule, f.table) for f in lint_at(root).findings] == [
+        ("index-not-concurrent", "fresh")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("created", "indexed", "exempt"),
+    [
+        ("", "", True),
+        ("", 'schema="public"', True),
+        ('schema="public"', "", True),
+        ("", 'schema="other"', False),
+        ('schema="other"', "", False),
+        ('schema="other"', 'schema="other"', True),
+        ('schema="other"', 'schema="third"', False),
+    ],
+)
+def test_a_new_table_exempts_that_table_in_that_schema_only(
+    tmp_path: Path, created: str, indexed: str, exempt: bool
+) -> None:
+    """Unqualified means the default search_path schema, public; any other schema is another
+    table."""
+    root = new_project(tmp_path)
+    write_revision(
+        root,
+        "r002",
+        "r001",
+        f'op.create_table("bar", sa.Column("a", sa.Integer), {created})\n'
+        f'op.create_index("ix_bar_a", "bar", ["a"], {indexed})',
+    )
+    found = [finding.rule for finding in lint_at(root).findings]
+    assert found == ([] if exempt else ["index-not-concurrent"])
+
+
+def test_an_allow_comment_is_read_exactly_and_a_wrong_one_is_a_finding(tmp_path: Path) -> None:
+    root = new_project(tmp_path)
+    unsafe = 'op.create_index("ix_t_b", "t", ["b"])\nop.drop_table("u")\nop.drop_column("t", "a")'
+    header = (
+        '"""Not a comment: # prosaas-migrate: allow drop-column"""\n'
+        "# prosaas-migrate: allow drop-table: it is empty, index-not-concurrent\n"
+    )
+    write_revision(root, "r002", "r001", unsafe, header=header)
+    report = lint_at(root)
+    # The reason after ':' names index-not-concurrent; the docstring allows nothing.
+    assert rules(report) == [("r002", "index-not-concurrent"), ("r002", "drop-column")]
+    assert report.allowed == 1
+
+    for comment in (
+        "# prosaas-migrate: allow drop-table -- it is empty, index-not-concurrent",
+        "# prosaas-migrate: allow drop-table - it is empty",
+        "# prosaas-migrate: allow drop-table,index-not-concurrent:empty",
+        "#prosaas-migrate:allow drop-table",
+        "# noqa: E501  # prosaas-migrate: allow drop-table  # type: ignore",
+    ):
+        write_revision(root, "r002", "r001", 'op.drop_table("u")', header=comment)
+        report = lint_at(root)
+        assert (report.findings, report.allowed) == ([], 1), comment
+
+
+@pytest.mark.parametrize(
+    ("comment", "problem"),
+    [
+        (
+            "# prosaas-migrate: allow drop-tabel",
+            "line 4: 'drop-tabel' is not a rule (did you mean drop-table?)",
+        ),
+        (
+            "# prosaas-migrate: allow drop-table because it is empty",
+            "line 4: 'because', 'it', 'is', 'empty' are not rules",
+        ),
+        ("# prosaas-migrate: allow", "line 4: it names no rule"),
+        ("# prosaas-migrate: alow drop-table", "line 4: 'alow drop-table' does not start with"),
+        ("# prosaas-migrate: allow unknown-allow", "line 4: unknown-allow cannot be allowed"),
+    ],
+)
+def test_an_allow_comment_lint_cannot_read_is_an_unknown_allow_finding(
+    tmp_path: Path, comment: str, problem: str
+) -> None:
+    root = new_project(tmp_path)
+    write_revision(root, "r002", "r001", 'op.drop_table("u")', header=comment)
+    report = lint_at(root)
+    # The comment allows nothing it cannot read: drop-table is still reported.
+    assert rules(report) == [("r002", "unknown-allow"), ("r002", "drop-table")]
+    finding = report.findings[0]
+    assert (finding.revision, finding.statement, finding.lock) == ("r002", comment, None)
+    assert problem in finding.message, finding.message
+    assert "prosaas-migrate: allow RULE" in finding.hint
+    result = invoke(root, "--json")
+    assert result.exit_code == 1
+    assert json.loads(result.output)["findings"][0]["rule"] == "unknown-allow"
 
 
 # -- which revisions: --since, branches --------------------------------------------------------
@@ -669,6 +814,124 @@ def test_the_multidb_template_renders_each_database_without_writing_files(tmp_pa
     assert not list(tmp_path.glob("*.sql"))
 
 
+ENV_GUARD = (
+    "import os\nimport sys\n"
+    "if not os.environ.get('DATABASE_URL'):\n"
+    "    sys.exit('DATABASE_URL is not set')\n"
+)
+
+
+@pytest.mark.parametrize("env", ["stock", "cookbook"])
+def test_an_env_py_that_exits_falls_back_to_the_own_renderer(tmp_path: Path, env: str) -> None:
+    """A guard that calls sys.exit() (SystemExit is no Exception) is an env.py failing offline."""
+    root = new_project(tmp_path, env=env)
+    env_py = root / "migrations" / "env.py"
+    env_py.write_text(ENV_GUARD + env_py.read_text())
+    write_revision(root, "r002", "r001", 'op.create_index("ix_t_b", "t", ["b"])')
+    result = cli(["lint", "--json"], {}, root)
+    assert result.returncode == 1, result.stderr
+    document = json.loads(result.stdout)
+    assert [f["rule"] for f in document["findings"]] == ["index-not-concurrent"]
+    assert document["renderer"] == "prosaas-migrate"
+    assert document["renderer_note"] == (
+        "env.py fails offline: SystemExit: it called sys.exit('DATABASE_URL is not set')"
+    )
+
+
+@pytest.mark.parametrize("env", ["stock", "cookbook"])
+@pytest.mark.parametrize("code", ["0", "1", "'stop'"])
+def test_a_revision_that_exits_is_offline_render_failed(
+    tmp_path: Path, env: str, code: str
+) -> None:
+    root = new_project(tmp_path, env=env)
+    write_revision(root, "r002", "r001", f"import sys\nsys.exit({code})")
+    write_revision(root, "r003", "r002", 'op.drop_table("u")')
+    result = cli(["lint", "--json"], {}, root)
+    assert result.returncode == 1, result.stderr
+    findings = json.loads(result.stdout)["findings"]
+    assert [(f["revision"], f["rule"]) for f in findings] == [
+        ("r002", "offline-render-failed"),
+        ("r003", "drop-table"),
+    ]
+    assert f"SystemExit: it called sys.exit({code})" in findings[0]["message"]
+
+
+def test_a_revision_that_exits_on_import_is_a_usage_error(tmp_path: Path) -> None:
+    root = new_project(tmp_path)
+    path = write_revision(root, "r002", "r001", "pass")
+    path.write_text("import sys\nsys.exit(0)\n" + path.read_text())
+    result = cli(["lint"], {}, root)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout == ""
+    assert result.stderr.strip().count("\n") == 0
+    assert "cannot load the revisions:" in result.stderr
+    assert "SystemExit: it called sys.exit(0)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        (
+            "version_locations = 5",
+            "[tool.alembic] version_locations in pyproject.toml: '5' is invalid; expected a list "
+            "of strings",
+        ),
+        (
+            'version_locations = "%(here)s/migrations/versions"',
+            "[tool.alembic] version_locations in pyproject.toml:",
+        ),
+        ("version_locations = [5]", "expected a list of strings"),
+        ("prepend_sys_path = 5", "[tool.alembic] prepend_sys_path in pyproject.toml"),
+        ('truncate_slug_length = "x"', "truncate_slug_length in pyproject.toml: '\"x\"'"),
+        ("sourceless = 1", "sourceless in pyproject.toml: '1' is invalid; expected true or false"),
+        ("post_write_hooks = 5", "post_write_hooks in pyproject.toml"),
+        ('script_location = "%(nope)s"', "expected an Alembic project (KeyError: 'nope')"),
+    ],
+)
+def test_a_malformed_tool_alembic_is_one_line_exit_2(
+    tmp_path: Path, setting: str, named: str
+) -> None:
+    """Alembic itself trusts these types (TypeError, or a string split into letters)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config(str(tmp_path / "alembic.ini"), toml_file=str(tmp_path / "pyproject.toml"))
+    command.init(cfg, str(tmp_path / "migrations"), "pyproject")
+    write_revision(tmp_path, "r001", None, BASE)
+    assert cli(["lint"], {}, tmp_path).returncode == 0  # the template as it comes
+    toml = tmp_path / "pyproject.toml"
+    key = setting.split(" = ")[0]
+    text = re.sub(rf"(?ms)^{key} = \[.*?^\]\n", "", toml.read_text())  # a list on lines
+    text = re.sub(rf"(?m)^{key} = .*\n", "", text)
+    toml.write_text(text.replace("[tool.alembic]\n", f"[tool.alembic]\n{setting}\n", 1))
+    result = cli(["lint", "--json"], {}, tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert named in result.stderr
+
+
+def test_a_deeply_nested_expression_is_checked_not_a_traceback(tmp_path: Path) -> None:
+    """Its parse tree is too deep for json.loads; pglast's own tree still shows what it calls."""
+    root = new_project(tmp_path)
+    terms = "+".join(["1"] * 1000)
+    write_revision(
+        root, "r002", "r001", f'op.execute("ALTER TABLE t ADD COLUMN c int DEFAULT {terms}")'
+    )
+    write_revision(
+        root,
+        "r003",
+        "r002",
+        f'op.execute("ALTER TABLE t ADD COLUMN d float DEFAULT random() + {terms}")',
+    )
+    result = cli(["lint", "--json"], {}, root)
+    assert result.returncode == 1, result.stderr
+    findings = json.loads(result.stdout)["findings"]
+    assert [(f["revision"], f["rule"]) for f in findings] == [("r003", "volatile-default")]
+    assert "random()" in findings[0]["message"]
+
+
 # -- the command: exit codes, output ----------------------------------------------------------
 
 
@@ -721,11 +984,13 @@ def test_usage_and_configuration_errors_exit_2_naming_the_argument(
 
 
 def test_without_an_ini_in_the_working_folder(tmp_path: Path) -> None:
+    """ALEMBIC_CONFIG is not set: the message names the default, not the variable."""
     result = invoke(tmp_path)
     assert result.exit_code == 2
-    assert (
-        "ALEMBIC_CONFIG: 'alembic.ini' is invalid; expected the path of an existing"
-        in result.output
+    assert result.output == (
+        "❌ prosaas-migrate: ./alembic.ini (the default; set ALEMBIC_CONFIG or --config): "
+        "'alembic.ini' is invalid; expected the path of an existing alembic.ini (or of a "
+        "pyproject.toml with [tool.alembic])\n"
     )
 
 
@@ -875,6 +1140,10 @@ LOCK_EXAMPLES = {
     "cluster": ("CLUSTER t USING ix_t_a", ["t"]),
     "lock-table": ("LOCK TABLE t", ["t"]),
     "required-column-without-default": ("ALTER TABLE w ADD COLUMN c int NOT NULL", ["w"]),
+    "exclusion-constraint": (
+        "ALTER TABLE t ADD CONSTRAINT ex EXCLUDE USING gist (int4range(a, b, '[]') WITH &&)",
+        ["t"],
+    ),
 }
 _STRENGTH = [
     "AccessShareLock",
@@ -962,22 +1231,52 @@ def test_the_rules_report_what_the_server_does_with_a_finding_it_names(db_url: s
         assert not filenode_changes(f"ALTER TABLE t {keeps}"), keeps
     for keeps in ("DEFAULT now()", "DEFAULT CURRENT_TIMESTAMP", "DEFAULT lower('X')"):
         assert rules_of(f"ALTER TABLE t ADD COLUMN c text {keeps}") == []
-    # cluster, vacuum-full: a rewrite (VACUUM cannot run in a transaction: autocommit).
+    # cluster, vacuum-full: a rewrite (VACUUM cannot run in a transaction: autocommit); a FULL
+    # option set to false, 0 or off is no VACUUM FULL.
     assert filenode_changes("CLUSTER t USING ix_t_a")
-    before = query(db_url, "SELECT pg_relation_filenode('t')")
-    query(db_url, "VACUUM FULL t")
-    assert query(db_url, "SELECT pg_relation_filenode('t')") != before
+    for vacuum, full in (
+        ("VACUUM (FULL false) t", False),
+        ("VACUUM (FULL 0, ANALYZE) t", False),
+        ("VACUUM (FULL Off) t", False),
+        ("VACUUM (FULL 1) t", True),
+        ("VACUUM (FULL) t", True),
+        ("VACUUM FULL t", True),
+    ):
+        before = query(db_url, "SELECT pg_relation_filenode('t')")
+        query(db_url, vacuum)
+        assert (query(db_url, "SELECT pg_relation_filenode('t')") != before) == full, vacuum
+        assert rules_of(vacuum) == (["vacuum-full"] if full else []), vacuum
 
     with psycopg.connect(db_url) as conn:
-        # required-column-without-default: fails on a table with rows.
-        with pytest.raises(psycopg.errors.NotNullViolation):
-            conn.execute("ALTER TABLE t ADD COLUMN c int NOT NULL")
-        conn.rollback()
-        # concurrently-in-transaction: fails inside a transaction block.
+        # required-column-without-default: fails on a table with rows, DEFAULT NULL as well.
+        for required in (
+            "c int NOT NULL",
+            "c int NOT NULL DEFAULT NULL",
+            "c int NOT NULL DEFAULT NULL::int",
+        ):
+            with pytest.raises(psycopg.errors.NotNullViolation):
+                conn.execute(f"ALTER TABLE t ADD COLUMN {required}")
+            conn.rollback()
+            assert rules_of(f"ALTER TABLE t ADD COLUMN {required}")[0] == (
+                "required-column-without-default"
+            )
+        # concurrently-in-transaction: fails inside a transaction block; CONCURRENTLY false is
+        # a plain REINDEX, which does not.
         conn.execute("SELECT 1")
         with pytest.raises(psycopg.errors.ActiveSqlTransaction):
             conn.execute("CREATE INDEX CONCURRENTLY ix_c ON t (b)")
         conn.rollback()
+        conn.execute("REINDEX (CONCURRENTLY false) INDEX ix_t_a")
+        conn.rollback()
+        assert rules_of("BEGIN; REINDEX (CONCURRENTLY false) INDEX ix_t_a") == []
+        assert rules_of("BEGIN; REINDEX (CONCURRENTLY) INDEX ix_t_a") == [
+            "concurrently-in-transaction"
+        ]
+        # A 1,000-term default is valid SQL for the server (and no syntax error for lint).
+        terms = "+".join(["1"] * 1000)
+        conn.execute(f"ALTER TABLE t ADD COLUMN deep int DEFAULT {terms}")
+        conn.rollback()
+        assert rules_of(f"ALTER TABLE t ADD COLUMN deep int DEFAULT {terms}") == []
 
 
 def rules_of(sql: str) -> list[str]:
@@ -1017,6 +1316,153 @@ def test_the_disabled_run_path_imports_none_of_the_linter(tmp_path: Path) -> Non
     assert any("prosaas_migrate.runner" in line for line in imported)  # the profile is real
     for heavy in ("pglast", "prosaas_migrate.lint", "prosaas_migrate.offline"):
         assert not [line for line in imported if f" {heavy}" in line], heavy
+
+
+# -- set-not-null: a validated CHECK (c IS NOT NULL) spares the scan ---------------------------
+
+
+def test_the_readmes_safe_recipe_for_not_null_is_not_reported(tmp_path: Path) -> None:
+    root = new_project(tmp_path)
+    write_revision(
+        root,
+        "r002",
+        "r001",
+        'op.create_check_constraint("ck_a", "t", "a IS NOT NULL", postgresql_not_valid=True)',
+    )
+    write_revision(root, "r003", "r002", 'op.execute("ALTER TABLE t VALIDATE CONSTRAINT ck_a")')
+    write_revision(
+        root,
+        "r004",
+        "r003",
+        'op.alter_column("t", "a", nullable=False)\nop.drop_constraint("ck_a", "t", "check")',
+    )
+    assert rules(lint_at(root)) == []
+    # From r003 on, the check was added before the revisions checked: lint cannot see it.
+    report = lint_at(root, since="r003")
+    assert rules(report) == [("r004", "set-not-null")]
+    assert "before --since" in report.findings[0].hint
+
+
+@pytest.mark.parametrize(
+    ("between", "scans"),
+    [
+        ("", True),  # NOT VALID only: PostgreSQL still scans
+        ('op.execute("ALTER TABLE t VALIDATE CONSTRAINT ck_a")', False),
+        (
+            'op.execute("ALTER TABLE t VALIDATE CONSTRAINT ck_a")\n'
+            'op.drop_constraint("ck_a", "t", "check")',
+            True,
+        ),
+        (
+            'op.alter_column("t", "a", new_column_name="a2")\n'
+            'op.execute("ALTER TABLE t VALIDATE CONSTRAINT ck_a")\n'
+            'op.alter_column("t", "a2", new_column_name="a")',
+            False,
+        ),
+        (
+            'op.execute("ALTER TABLE t RENAME CONSTRAINT ck_a TO ck_b")\n'
+            'op.execute("ALTER TABLE t VALIDATE CONSTRAINT ck_b")',
+            False,
+        ),
+        ('op.execute("ALTER TABLE other.t VALIDATE CONSTRAINT ck_a")', True),
+    ],
+    ids=["not-validated", "validated", "dropped", "column-renamed", "renamed", "other-schema"],
+)
+def test_set_not_null_follows_the_check_through_later_revisions(
+    tmp_path: Path, between: str, scans: bool
+) -> None:
+    root = new_project(tmp_path)
+    write_revision(
+        root,
+        "r002",
+        "r001",
+        'op.create_check_constraint("ck_a", "t", "a IS NOT NULL", postgresql_not_valid=True)',
+    )
+    write_revision(root, "r003", "r002", between or "pass")
+    write_revision(root, "r004", "r003", 'op.alter_column("t", "a", nullable=False)')
+    found = [rule for revision, rule in rules(lint_at(root)) if revision == "r004"]
+    assert found == (["set-not-null"] if scans else [])
+
+
+def test_a_check_made_with_a_new_table_proves_not_null_in_later_revisions(tmp_path: Path) -> None:
+    root = new_project(tmp_path)
+    write_revision(
+        root,
+        "r002",
+        "r001",
+        'op.create_table("fresh", sa.Column("a", sa.Integer), sa.Column("b", sa.Integer), '
+        'sa.CheckConstraint("a IS NOT NULL", name="ck_fresh_a"))',
+    )
+    write_revision(
+        root,
+        "r003",
+        "r002",
+        'op.alter_column("fresh", "a", nullable=False)\n'
+        'op.alter_column("fresh", "b", nullable=False)',
+    )
+    assert [f.statement for f in lint_at(root).findings] == [
+        "ALTER TABLE fresh ALTER COLUMN b SET NOT NULL"
+    ]
+
+
+# What PostgreSQL accepts as proof, next to what lint accepts: each `setup` precedes
+# `ALTER TABLE t ALTER COLUMN a SET NOT NULL` on a table with rows.
+NOT_NULL_PROOFS = [
+    ["ALTER TABLE t ADD CONSTRAINT ck CHECK (a IS NOT NULL) NOT VALID"],
+    [
+        "ALTER TABLE t ADD CONSTRAINT ck CHECK (a IS NOT NULL) NOT VALID",
+        "ALTER TABLE t VALIDATE CONSTRAINT ck",
+    ],
+    ["ALTER TABLE t ADD CONSTRAINT ck CHECK (a IS NOT NULL)"],
+    ["ALTER TABLE t ADD CONSTRAINT ck CHECK (a IS NOT NULL AND b > 0)"],
+    ["ALTER TABLE t ADD CONSTRAINT ck CHECK (NOT (a IS NULL))"],
+    ["ALTER TABLE t ADD CONSTRAINT ck CHECK (t.a IS NOT NULL)"],
+    ["ALTER TABLE t ADD CONSTRAINT ck CHECK (a > 0)"],
+    ["ALTER TABLE t ADD CONSTRAINT ck CHECK (a IS NOT NULL OR b IS NOT NULL)"],
+    ["ALTER TABLE t ADD CONSTRAINT ck CHECK (b IS NOT NULL)"],
+    [
+        "ALTER TABLE t ADD CHECK (a IS NOT NULL) NOT VALID",  # named t_a_check by PostgreSQL
+        "ALTER TABLE t VALIDATE CONSTRAINT t_a_check",
+    ],
+    [
+        "ALTER TABLE t ADD CHECK (a IS NOT NULL AND b > 0) NOT VALID",  # t_check
+        "ALTER TABLE t VALIDATE CONSTRAINT t_check",
+    ],
+    [
+        "ALTER TABLE t ADD CONSTRAINT ck CHECK (a IS NOT NULL) NOT VALID",
+        "ALTER TABLE t VALIDATE CONSTRAINT ck",
+        "ALTER TABLE t DROP CONSTRAINT ck",
+    ],
+    [
+        "ALTER TABLE t ADD CONSTRAINT ck CHECK (a IS NOT NULL AND u_id > 0)",
+        "ALTER TABLE t DROP COLUMN u_id",  # drops the check with it
+    ],
+    [
+        "ALTER TABLE t RENAME TO t_old",
+        "CREATE TABLE t (id int, a int, b int, CONSTRAINT ck CHECK (a IS NOT NULL) NOT VALID)",
+        "INSERT INTO t SELECT id, a, b FROM t_old",
+    ],
+]
+
+
+@pytest.mark.parametrize("setup", NOT_NULL_PROOFS, ids=lambda setup: " / ".join(setup)[-60:])
+def test_set_not_null_is_reported_exactly_when_postgresql_scans(
+    db_url: str, setup: list[str]
+) -> None:
+    """PostgreSQL says (at DEBUG1) when existing constraints spare the scan; lint agrees."""
+    schema(db_url)
+    final = "ALTER TABLE t ALTER COLUMN a SET NOT NULL"
+    with psycopg.connect(db_url) as conn:
+        notices: list[str] = []
+        conn.add_notice_handler(lambda notice: notices.append(str(notice.message_primary)))
+        for statement in setup:
+            conn.execute(statement)
+        conn.execute("SET LOCAL client_min_messages = debug1")
+        conn.execute(final)
+        conn.rollback()
+    skipped = any("are sufficient to prove that it does not contain nulls" in n for n in notices)
+    reported = "set-not-null" in rules_of(";\n".join([*setup, final]))
+    assert reported == (not skipped), notices
 
 
 # -- status shows the findings of the pending revisions ---------------------------------------
@@ -1079,3 +1525,52 @@ def test_env_py_logging_config_does_not_outlive_the_rendering(tmp_path: Path) ->
     assert report.renderer == "env.py"  # its fileConfig() really ran
     assert app_logger.disabled is False
     assert logging.getLogger().handlers == root_handlers
+
+
+@pytest.mark.parametrize("since", ["", " "])
+def test_an_empty_since_is_a_usage_error_naming_it(app: Path, since: str) -> None:
+    """What the README's CI recipe passes when `alembic heads` prints nothing."""
+    result = cli(["lint", "--json", "--since", since], {}, app)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert f"--since: {since!r} is invalid; expected a revision of this project" in result.stderr
+
+
+def test_since_takes_a_prefix_of_an_id_of_four_characters_or_more(tmp_path: Path) -> None:
+    """Alembic matches a prefix, of any length, only against ids of 4+ characters."""
+    root = new_project(tmp_path)  # r001
+    write_revision(root, "ae1027a6acf", "r001", 'op.drop_column("t", "a")')
+    write_revision(root, "b2c", "ae1027a6acf", 'op.create_index("ix_t_b", "t", ["b"])')
+    assert rules(lint_at(root, since="a")) == [("b2c", "index-not-concurrent")]
+    assert lint_at(root, since="b2c").revisions_checked == 0
+    with pytest.raises(ConfigError, match="No such revision or branch 'b2'"):
+        lint_at(root, since="b2")
+
+
+def test_alembic_config_from_dotenv_is_used_and_nothing_else(tmp_path: Path) -> None:
+    """.env fills in ALEMBIC_CONFIG as for run and status; its other variables do not matter."""
+    new_project(tmp_path / "sub")
+    write_revision(tmp_path / "sub", "r002", "r001", 'op.create_index("ix_t_b", "t", ["b"])')
+    (tmp_path / ".env").write_text(
+        "ALEMBIC_CONFIG=sub/alembic.ini\nRUN_MIGRATIONS=maybe\nMIGRATION_LOCK_KEY=x\n"
+    )
+    (tmp_path / "sub" / "migrations" / "script.py.mako").unlink()  # not needed to lint
+    result = cli(["lint", "--json"], {}, tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert [f["rule"] for f in json.loads(result.stdout)["findings"]] == ["index-not-concurrent"]
+
+    # A variable really set wins over .env, as everywhere.
+    result = cli(["lint"], {"ALEMBIC_CONFIG": "elsewhere.ini"}, tmp_path)
+    assert result.returncode == 2
+    assert "ALEMBIC_CONFIG: 'elsewhere.ini' is invalid" in result.stderr
+
+
+def test_an_unreadable_dotenv_is_one_line_exit_2(app: Path) -> None:
+    (app / ".env").write_bytes(b"ALEMBIC_CONFIG=\xff\xfe\n")
+    result = cli(["lint", "--json"], {}, app)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout == ""
+    assert result.stderr.strip().count("\n") == 0
+    assert "cannot read " in result.stderr and ".env" in result.stderr
