@@ -39,8 +39,7 @@ from prosaas_migrate.worker_events import (
 _ANSI = re.compile(r"\x1b(?:\[[0-?]*+[ -/]*+[@-~]|[@-Z\\-_])")  # colour codes and friends
 # Who wrote the line: "worker-1  | " from `docker compose logs`, "[pod/worker-7c9/worker] " from
 # `kubectl logs --prefix`.
-_COMPOSE_PREFIX = re.compile(r"([\w.-]++) *+\| ?")
-_KUBECTL_PREFIX = re.compile(r"\[pod/([^\s\]/]++/[^\s\]/]++)\] ?")
+_PREFIX = re.compile(r"(?:([\w.-]++) *+\||\[pod/([^\s\]/]++/[^\s\]/]++)\]) ?")
 _STAMP = (
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})"
     r"(?:[.,]([0-9]++))?(?:([Zz])|([+-])([0-9]{2})(?::?([0-9]{2}))?)?"
@@ -98,11 +97,9 @@ def unwrap(line: str) -> tuple[str, str | None, str | None]:
     if "\x1b" in body:
         body = _ANSI.sub("", body)
     source = None
-    prefix = _COMPOSE_PREFIX.match(body)
-    if prefix is None and body.startswith("[pod/"):
-        prefix = _KUBECTL_PREFIX.match(body)
+    prefix = _PREFIX.match(body)
     if prefix:
-        body, source = body[prefix.end() :], prefix.group(1)
+        body, source = body[prefix.end() :], prefix[1] or prefix[2]
     if body[:1].isdigit():
         stamp = _LEADING_STAMP.match(body)
         if stamp:
@@ -213,31 +210,28 @@ def earlier(stamp: str, than: str) -> bool:
     """Whether time `stamp` is strictly before time `than`, both timestamps as a line writes them
     (what parse_timestamp reads); False when they cannot be compared: one with an offset and one
     without, or either not a time at all."""
-    # Most pairs share their zone: then text order is time order, and no datetime is built.
-    zone = _zone_width(stamp)
-    if zone and zone == _zone_width(than) and (zone == 1 or stamp[-6:] == than[-6:]):
-        if stamp[:10] != than[:10]:
-            return stamp[:10] < than[:10]
-        if stamp[11:19] != than[11:19]:  # [10] is the date-time separator: T, t or a blank
-            return stamp[11:19] < than[11:19]
-        mine = stamp[20 : len(stamp) - zone] if stamp[19] in ".," else ""
-        theirs = than[20 : len(than) - zone] if than[19] in ".," else ""
-        width = max(len(mine), len(theirs))
-        return mine.ljust(width, "0") < theirs.ljust(width, "0")
-    start, end = parse_timestamp(stamp), parse_timestamp(than)
-    if start is None or end is None or (start.tzinfo is None) != (end.tzinfo is None):
-        return False
-    return start < end
+    # When both share their zone (`Z`, or the same `+01:00`), text order is time order and no
+    # datetime is built: this runs for nearly every event.
+    if stamp[-1:] in _ZULU and than[-1:] in _ZULU:
+        zone = 1
+    elif len(stamp) >= 25 and stamp[-3] == ":" and stamp[-6] in "+-" and stamp[-6:] == than[-6:]:
+        zone = 6
+    else:
+        start, end = parse_timestamp(stamp), parse_timestamp(than)
+        if start is None or end is None or (start.tzinfo is None) != (end.tzinfo is None):
+            return False
+        return start < end
+    if stamp[:10] != than[:10]:
+        return stamp[:10] < than[:10]
+    if stamp[11:19] != than[11:19]:  # [10] is the date-time separator: T, t or a blank
+        return stamp[11:19] < than[11:19]
+    mine = stamp[20 : len(stamp) - zone] if stamp[19] in ".," else ""
+    theirs = than[20 : len(than) - zone] if than[19] in ".," else ""
+    width = max(len(mine), len(theirs))
+    return mine.ljust(width, "0") < theirs.ljust(width, "0")
 
 
-def _zone_width(stamp: str) -> int:
-    """How many characters end a timestamp as its zone, `Z` or `+01:00`; 0 for none, or for one
-    written `+0100` or `+01` (compared as datetimes)."""
-    if stamp[-1:] in ("Z", "z"):
-        return 1
-    if len(stamp) >= 25 and stamp[-6] in "+-" and stamp[-3] == ":":
-        return 6
-    return 0
+_ZULU = ("Z", "z")
 
 
 def parse_duration(text: str) -> timedelta:
@@ -376,16 +370,17 @@ class Trace:
     sources: dict[str, str] = field(default_factory=dict)  # replica -> when its log begins
 
     def read(self, lines: Iterable[str]) -> Trace:
+        sources, feed, see = self.sources, self.feed, self.clock.see  # once a line: look up once
         for line in lines:
             self.lines += 1
             body, stamp, source = unwrap(line)
             event = parse_body(body, stamp)
-            if source is not None and source not in self.sources:
+            if source is not None and source not in sources:
                 self._begins(source, stamp or (event.ts if event else None))
             if event is not None:
-                self.feed(event, source)
+                feed(event, source)
             if stamp is not None and (event is None or event.ts != stamp):
-                self.clock.see(stamp)
+                see(stamp)
         return self
 
     def _begins(self, source: str, stamp: str | None) -> None:
@@ -477,24 +472,22 @@ class Trace:
         self.most_held[business] = max(self.most_held.get(business, 0), held)
 
     def _released(self, call: Call, business: str, ts: str | None, source: str | None) -> None:
-        twice = call.slot == RELEASED
-        since = call.released if twice else call.last_picked
         if call.slot == HELD:
             self._let_go(call)
-        # Proof needs the log to show where the slot was taken, if it was: not when the call's
-        # first event here is a release (taken before the log began), nor when another
-        # replica's log begins after `since` (its pick and acquire may be cut off).
-        elif call.slot != UNKNOWN and (
-            call.slot_source is None or source == call.slot_source or self.covers(source, since)
-        ):
-            finding: dict[str, str | None] = {
-                "business_id": business,
-                "call_sid": call.call_sid,
-                "ts": ts,
-                "why": "released twice" if twice else "released but never acquired",
-            }
-            self.double_releases.append(finding)
-            self._rests_on(call, since, ts, finding)
+        elif call.slot != UNKNOWN:  # UNKNOWN: acquired before the log began
+            twice = call.slot == RELEASED
+            since = call.released if twice else call.last_picked
+            # Proof needs the log to show where the slot was taken, if it was: another
+            # replica's log may begin after `since`, its pick and acquire cut off (--tail).
+            if call.slot_source is None or source == call.slot_source or self.covers(source, since):
+                finding: dict[str, str | None] = {
+                    "business_id": business,
+                    "call_sid": call.call_sid,
+                    "ts": ts,
+                    "why": "released twice" if twice else "released but never acquired",
+                }
+                self.double_releases.append(finding)
+                self._rests_on(call, since, ts, finding)
         call.slot = RELEASED
         call.released = ts
         call.slot_source = source
