@@ -207,19 +207,23 @@ def status(config_path: str | None, as_json: bool, check: bool) -> NoReturn:
     default="10m",
     show_default=True,
     help="A slot still held at the end, acquired longer ago than this by the log's own "
-    "timestamps, is leaked. A number and a unit h, m or s: 90s, 10m, 1h30m.",
+    "timestamps, is leaked. Numbers with the units h, m and s, each at most once and largest "
+    "first (90s, 10m, 1h30m, 1.5h), from 0.001s to 720h.",
 )
 def worker_trace(source: TextIO, as_json: bool, loop_threshold: int, leak_after: str) -> NoReturn:
     """Find recording loops, leaked slots and repeated failures in worker logs.
 
-    Reads the WORKER_* events (text or JSON lines, mixed with anything else, with or without
-    the prefixes, timestamps and colours of `docker compose logs`) from FILE or standard input,
-    streaming. Exits 1 when the log proves a loop, a leaked slot or a double release, so it can
-    gate a CI job; jobs in flight at the end or begun before the log are counted, not failed.
+    Reads the WORKER_* events (text or JSON lines, also inside ECS or Docker json-file JSON,
+    mixed with anything else, with or without the prefixes, timestamps and colours of
+    `docker compose logs` or `kubectl logs`) from FILE or standard input, streaming. Exits 1
+    when the log proves a loop, a leaked slot or a double release, so it can gate a CI job;
+    jobs in flight at the end or begun before the log are counted, not failed, and events out
+    of time order (one replica's log after another's) are counted, not judged.
 
     \b
     Example:
         docker compose logs --since 1h worker | prosaas-migrate worker-trace
+        kubectl logs -l app=worker --prefix --timestamps --since 1h | prosaas-migrate worker-trace
         prosaas-migrate worker-trace --json --leak-after 30m worker.log
     """
     from prosaas_migrate import worker_trace as trace

@@ -35,6 +35,7 @@ signal.signal(signal.SIGTERM, INTERRUPTS)
 import argparse  # noqa: E402
 import os  # noqa: E402
 import secrets  # noqa: E402
+import shlex  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -44,7 +45,7 @@ from collections.abc import Iterator  # noqa: E402
 from contextlib import ExitStack, contextmanager  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit  # noqa: E402
 
 import yaml  # noqa: E402
@@ -54,6 +55,9 @@ sys.path.insert(0, str(ROOT))
 
 from tests.pgcluster import Cluster, free_port  # noqa: E402
 
+if TYPE_CHECKING:
+    from psycopg.pq.abc import PGconn
+
 APP_DIR = ROOT / "examples" / "prosaas-app"  # the image's WORKDIR /app
 URL_VARIABLES = ("DATABASE_URL", "MIGRATION_DATABASE_URL")
 STOP_TIMEOUT = 10.0  # like `docker compose stop`: SIGTERM, then SIGKILL after this
@@ -62,6 +66,10 @@ INTERRUPTED = 130
 
 class SetupFailed(Exception):
     """The database could not be prepared; the message says why."""
+
+
+class BadInput(Exception):
+    """An argument or the compose file cannot be used; the message says why, in one line."""
 
 
 @dataclass
@@ -83,14 +91,65 @@ def say(message: str) -> None:
     emit(f"demo | {message}")
 
 
-def app_services(compose_file: Path, replicas: int, database_url: str) -> list[Service]:
-    """Every service but the database, with its environment pointed at our PostgreSQL."""
-    spec: dict[str, Any] = yaml.safe_load(compose_file.read_text())
-    services = []
-    for name, body in spec["services"].items():
+def read_compose(compose_file: Path) -> list[Service]:
+    """The app services of a compose file (every service but a postgres image), checked before
+    anything starts: a file that cannot be read or used is BadInput, never a traceback."""
+    where = f"--compose-file {compose_file}"
+    try:
+        spec = yaml.safe_load(compose_file.read_text())
+    except OSError as exc:
+        raise BadInput(f"{where}: {exc.strerror or exc}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInput(f"{where}: not YAML ({problem})") from None
+    services = spec.get("services") if isinstance(spec, dict) else None
+    if not isinstance(services, dict):
+        raise BadInput(f"{where}: no `services` mapping")
+    found = []
+    for name, body in services.items():
+        if not isinstance(body, dict):
+            raise BadInput(f"{where}: service {name} is not a mapping")
         if str(body.get("image", "")).startswith("postgres"):
             continue
-        environment = {key: str(value) for key, value in (body.get("environment") or {}).items()}
+        found.append(
+            Service(str(name), _command(where, name, body), _environment(where, name, body))
+        )
+    if not found:
+        raise BadInput(f"{where}: no service to start besides the database")
+    return found
+
+
+def _command(where: str, name: str, body: dict[str, Any]) -> list[str]:
+    """The service's `command`, in either of compose's forms (a list, or a string it splits)."""
+    command = body.get("command")
+    if isinstance(command, str):
+        command = shlex.split(command)
+    if not isinstance(command, list) or not command:
+        raise BadInput(f"{where}: service {name} has no `command` (the demo runs no image CMD)")
+    return [str(word) for word in command]
+
+
+def _environment(where: str, name: str, body: dict[str, Any]) -> dict[str, str]:
+    """The service's `environment`, in either of compose's forms; a variable without a value
+    takes this shell's, as compose does."""
+    environment = body.get("environment") or {}
+    if isinstance(environment, list):
+        pairs = [str(item).partition("=") for item in environment]
+        environment = {key: value if sep else None for key, sep, value in pairs}
+    if not isinstance(environment, dict):
+        raise BadInput(f"{where}: service {name} has an `environment` that is no mapping or list")
+    return {
+        str(key): str(value) if value is not None else os.environ[str(key)]
+        for key, value in environment.items()
+        if value is not None or str(key) in os.environ
+    }
+
+
+def app_services(services: list[Service], replicas: int, database_url: str) -> list[Service]:
+    """Each service pointed at our PostgreSQL, the one that migrates in `replicas` copies."""
+    started = []
+    for service in services:
+        environment = dict(service.environment)
         for variable in URL_VARIABLES:
             if variable in environment:
                 environment[variable] = database_url
@@ -99,8 +158,14 @@ def app_services(compose_file: Path, replicas: int, database_url: str) -> list[S
             env = dict(environment)
             if "PORT" in env:
                 env["PORT"] = str(free_port())  # replicas share this host's ports
-            services.append(Service(f"{name}-{index}", list(body["command"]), env))
-    return services
+            started.append(Service(f"{service.name}-{index}", service.command, env))
+    return started
+
+
+def exit_status(returncode: int) -> int:
+    """The exit code as compose and a shell report it: 128+N for a process killed by signal N
+    (Popen says -N)."""
+    return 128 - returncode if returncode < 0 else returncode
 
 
 # --- the database -----------------------------------------------------------------------------
@@ -160,6 +225,33 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit(parts._replace(path=f"/{name}", query=urlencode(query)))
 
 
+def describe_server(pgconn: PGconn) -> str:
+    """Where a connection went: `127.0.0.1:5432`, or the Unix socket's path."""
+    host = pgconn.host.decode(errors="replace")
+    port = pgconn.port.decode(errors="replace")
+    if host.startswith(("/", "@")):  # a socket folder, or Linux's abstract namespace
+        return f"the Unix socket {host.rstrip('/')}/.s.PGSQL.{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def describe_url(url: str) -> str:
+    """Where a URL points, before connecting: its host and port, or its socket folder."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:  # a URL libpq cannot parse: connecting says why
+        return "the server in --database-url"
+    host = str(params.get("host") or os.environ.get("PGHOST") or "")
+    port = str(params.get("port") or os.environ.get("PGPORT") or "5432")
+    if not host:
+        return f"the default Unix socket (port {port})"
+    if host.startswith(("/", "@")):
+        return f"the Unix socket {host.rstrip('/')}/.s.PGSQL.{port}"
+    return f"{host} (port {port})"
+
+
 @contextmanager
 def fresh_database(url: str) -> Iterator[str | None]:
     """A new database on the server of `url`, dropped at the end; the one in `url` is untouched."""
@@ -168,11 +260,12 @@ def fresh_database(url: str) -> Iterator[str | None]:
 
     admin = url.replace("postgresql+psycopg://", "postgresql://", 1)  # libpq's own schemes
     name = f"prosaas_demo_{secrets.token_hex(4)}"
-    server = urlsplit(url).netloc.rpartition("@")[2]
-    say(f"creating database {name} on {server} for the demo; it is dropped at the end")
-    say("(the database named in --database-url is not changed)")
+    server = describe_url(admin)
     try:
         with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
+            server = describe_server(conn.pgconn)  # the host libpq chose, socket or not
+            say(f"creating database {name} on {server} for the demo; it is dropped at the end")
+            say("(the database named in --database-url is not changed)")
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     except psycopg.Error as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -235,8 +328,9 @@ class Demo:
         """Print each exit once, as it happens, after the service's last lines."""
         exited = []
         for service, proc in self.processes:
-            code = proc.poll()
-            if code is not None and service.name not in self.codes:
+            returncode = proc.poll()
+            if returncode is not None and service.name not in self.codes:
+                code = exit_status(returncode)
                 self.relays[service.name].join(timeout=2)
                 self.say(service.name, f"exited with code {code}")
                 self.codes[service.name] = code
@@ -299,12 +393,16 @@ def main() -> int:
     )
     parser.add_argument("--compose-file", type=Path, default=ROOT / "docker-compose.yml")
     args = parser.parse_args()
-    if args.replicas < 1:
-        parser.error("--replicas must be 1 or more")
-    if args.database_url is not None and not args.database_url.startswith(
-        ("postgres://", "postgresql://", "postgresql+psycopg://")
-    ):
-        parser.error("--database-url must be a postgresql:// URL")
+    try:  # every input is checked before anything starts
+        if args.replicas < 1:
+            raise BadInput("--replicas must be 1 or more")
+        if args.database_url is not None and not args.database_url.startswith(
+            ("postgres://", "postgresql://", "postgresql+psycopg://")
+        ):
+            raise BadInput("--database-url must be a postgresql:// URL")
+        services = read_compose(args.compose_file)
+    except BadInput as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
 
     with ExitStack() as cleanup:
         try:
@@ -318,7 +416,7 @@ def main() -> int:
         if url is None or INTERRUPTS.stop.is_set():
             say("interrupted before the services started")
             return INTERRUPTED
-        demo = Demo(app_services(args.compose_file, args.replicas, url))
+        demo = Demo(app_services(services, args.replicas, url))
         cleanup.callback(demo.stop)  # also when something below fails
         demo.start()
         demo.supervise(abort_on_exit=args.abort_on_container_exit, exit_after=args.exit_after)

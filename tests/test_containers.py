@@ -231,6 +231,94 @@ def test_demo_abort_on_container_exit_stops_the_others(server: Server, tmp_path:
     assert re.search(r"^worker-1 +\| exited with code 0$", output, re.M), output
 
 
+def one_service_each(tmp_path: Path, commands: dict[str, list[str]]) -> Path:
+    """A compose file whose services run `commands` without migrating."""
+    services = {
+        name: {"environment": {"DATABASE_URL": "x", "RUN_MIGRATIONS": "0"}, "command": command}
+        for name, command in commands.items()
+    }
+    path = tmp_path / "compose.yml"
+    path.write_text(json.dumps({"services": services}))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("content", "args", "message"),
+    [
+        (None, ["--compose-file", "/nonexistent/compose.yml"],
+         "--compose-file /nonexistent/compose.yml: No such file or directory"),
+        ("services: [", [], "compose.yml: not YAML (while parsing a flow node)"),
+        ("- a list", [], "compose.yml: no `services` mapping"),
+        ("services:\n  db:\n    image: postgres:15\n", [],
+         "compose.yml: no service to start besides the database"),
+        ("services:\n  worker:\n    environment: [RUN_MIGRATIONS=0]\n", [],
+         "compose.yml: service worker has no `command`"),
+        ("services:\n  worker:\n    command: [\"true\"]\n    environment: 7\n", [],
+         "compose.yml: service worker has an `environment` that is no mapping or list"),
+        (None, ["--replicas", "0"], "--replicas must be 1 or more"),
+        (None, ["--database-url", "mysql://x/y"], "--database-url must be a postgresql:// URL"),
+    ],
+    ids=["missing", "not yaml", "not a mapping", "only a database", "no command",
+         "odd environment", "replicas", "url"],
+)  # fmt: skip
+def test_demo_checks_its_inputs_before_starting_anything(
+    tmp_path: Path, content: str | None, args: list[str], message: str
+) -> None:
+    if content is not None:
+        (tmp_path / "compose.yml").write_text(content)
+        args = ["--compose-file", str(tmp_path / "compose.yml"), *args]
+    result = subprocess.run(
+        [sys.executable, str(DEMO), *args, "--exit-after", "0"],
+        env=clean_env(), capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout == ""  # no cluster, no database, no service: nothing was started
+    (line,) = result.stderr.splitlines()  # one line, no traceback
+    assert line.startswith("demo.py: error: ") and message in line, line
+
+
+def test_demo_reports_a_service_killed_by_a_signal_as_compose_does(
+    server: Server, tmp_path: Path
+) -> None:
+    compose_file = one_service_each(tmp_path, {
+        "terminated": ["sh", "-c", "kill -TERM $$"],
+        "killed": ["sh", "-c", "kill -KILL $$"],
+        "failed": ["sh", "-c", "exit 3"],
+    })  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(DEMO), "--compose-file", str(compose_file),
+         "--database-url", server.admin_url],
+        env=clean_env(), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    output = result.stdout
+    assert result.returncode == 1, output + result.stderr
+    assert re.search(r"^terminated-1 +\| exited with code 143$", output, re.M), output
+    assert re.search(r"^killed-1 +\| exited with code 137$", output, re.M), output
+    assert re.search(r"^failed-1 +\| exited with code 3$", output, re.M), output
+    assert "code -" not in output
+
+
+def test_demo_names_the_unix_socket_of_a_socket_url(server: Server) -> None:
+    if server.cluster is None:
+        pytest.skip("needs the suite's own cluster, whose socket folder is known")
+    cluster = server.cluster
+    url = f"postgresql://postgres@/postgres?host={cluster.base}&port={cluster.port}"
+    result = subprocess.run(
+        [sys.executable, str(DEMO), "--database-url", url, "--exit-after", "20"],
+        env=clean_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    output = result.stdout
+    assert result.returncode == 0, output + result.stderr
+    socket = f"{cluster.base}/.s.PGSQL.{cluster.port}"
+    created = re.search(
+        rf"^demo \| creating database (prosaas_demo_\w+) on the Unix socket {socket} for the demo",
+        output, re.M,
+    )  # fmt: skip
+    assert created, output
+    assert "Migrations complete: 3 revision(s) applied, now at 0003" in output  # over the socket
+    assert f"demo | dropped database {created.group(1)}" in output
+
+
 @pytest.fixture
 def private_tmpdir() -> Iterator[Path]:
     """A short TMPDIR of our own (a socket path must stay under 108 bytes) the postgres user

@@ -60,6 +60,49 @@ PLANTED = (
     ".hypothesis/examples/abc",
     ".tox/py311/bin/python",
     "wheels/.env",
+    # env files by other names, direnv and Flask's, keys, cloud and cluster credentials
+    "examples/prosaas-app/prod.env",
+    "examples/prosaas-app/secrets.env",
+    "examples/prosaas-app/.envrc",
+    "examples/prosaas-app/.flaskenv",
+    "examples/prosaas-app/id_rsa",
+    "examples/prosaas-app/id_rsa.pub",
+    "examples/prosaas-app/id_ed25519",
+    "examples/prosaas-app/deploy/id_ecdsa",
+    "examples/prosaas-app/credentials.json",
+    "examples/prosaas-app/client_secret_1234.apps.googleusercontent.com.json",
+    "examples/prosaas-app/service-account-prod.json",
+    "examples/prosaas-app/token.json",
+    "examples/prosaas-app/config/secrets.yaml",
+    "examples/prosaas-app/.secrets/database_url",
+    "examples/prosaas-app/AppSecret.txt",
+    "examples/prosaas-app/SECRET_KEY",
+    "examples/prosaas-app/tls/keystore.p12",
+    "examples/prosaas-app/tls/server.pfx",
+    "examples/prosaas-app/kubeconfig.yaml",
+    "examples/prosaas-app/.kube/config",
+    "examples/prosaas-app/.git-credentials",
+    "examples/prosaas-app/.htpasswd",
+    "examples/prosaas-app/.vault-token",
+    "examples/prosaas-app/terraform.tfstate",
+    "examples/prosaas-app/terraform.tfstate.backup",
+    "examples/prosaas-app/.terraform/providers/x",
+    "examples/prosaas-app/.gnupg/private-keys-v1.d/a.key",
+    "examples/prosaas-app/.config/gcloud/credentials.db",
+    "examples/prosaas-app/.azure/accessTokens.json",
+    "examples/prosaas-app/prod.dump",
+    "examples/prosaas-app/local.sqlite3",
+    "prod.env",
+    "credentials",
+    "prosaas_migrate/.envrc",
+    "wheels/id_rsa",
+    "wheels/client_secret.json",
+)
+# Not secrets, whatever their names: the offline build installs every wheel in ./wheels.
+NEEDED = (
+    "wheels/secretstorage-3.3.3-py3-none-any.whl",
+    "wheels/keyring-25.6.0-py3-none-any.whl",
+    "wheels/psycopg_binary-3.2.3-cp312-cp312-manylinux_2_17_x86_64.whl",
 )
 
 
@@ -278,6 +321,8 @@ def planted_checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for path in PLANTED:
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_text("DATABASE_URL=postgresql://prod:s3cret@db/prod\n")
+    for path in NEEDED:
+        (root / path).write_bytes(b"PK\x03\x04")
     return root
 
 
@@ -291,7 +336,7 @@ def test_the_image_gets_exactly_the_tracked_files_of_what_it_copies(
     planted_checkout: Path,
 ) -> None:
     context = context_files(planted_checkout, dockerignore())
-    tracked = set(tracked_files())
+    tracked = set(tracked_files()) | set(NEEDED)
     sources = copy_sources()
     assert sources == [
         "wheels", "pyproject.toml", "README.md", "prosaas_migrate", "entrypoint.sh",
@@ -304,3 +349,4 @@ def test_the_image_gets_exactly_the_tracked_files_of_what_it_copies(
     app = {p for p in context if p.startswith("examples/prosaas-app/")}
     assert "examples/prosaas-app/alembic.ini" in app
     assert not any(posixpath.basename(p).startswith(".env") for p in app)
+    assert set(NEEDED) <= context

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes_validate  # type: ignore[import-untyped]
+import psycopg
 import pytest
 import yaml
 
-from prosaas_migrate.config import load
+from prosaas_migrate.config import DEFAULT_LOCK_KEY, load
 from tests.conftest import BIN, clean_env, version
 from tests.pgcluster import free_port
 
@@ -361,3 +362,57 @@ def test_the_docs_link_every_manifest() -> None:
     markdown = DOCS.read_text()
     linked = set(re.findall(r"\]\(\.\./(deploy/kubernetes/[^)]+\.yaml)\)", markdown))
     assert linked == {str(path.relative_to(ROOT)) for path in manifest_files()}
+
+
+# --- what the docs promise of the initContainer variant, run for real -----------------------
+
+
+INITCONTAINER_FILE = "alternatives/prosaas-api-initcontainer.yaml"
+
+
+def run_container(
+    container: Container, db_url: str, **env: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        local(effective_argv(container.spec, image())), env=run_env(container, db_url) | env,
+        cwd=APP_DIR, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_a_busy_lock_lets_the_api_start_unless_it_waits_for_head(db_url: str) -> None:
+    """The initContainer that cannot get the lock in time exits 0 without migrating, so the api
+    would start before head; MIGRATION_WAIT_FOR_HEAD_SECONDS on the api holds it (exit 4)."""
+    init = next(c for c in EXITING if c.file == INITCONTAINER_FILE)
+    api = next(c for c in LONG_RUNNING if c.file == INITCONTAINER_FILE)
+    with psycopg.connect(db_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", [DEFAULT_LOCK_KEY])
+        result = run_container(init, db_url, MIGRATION_LOCK_WAIT_SECONDS="1")
+        assert result.returncode == 0, result.stderr
+        assert "Could not acquire lock in time -> skipping migrations" in result.stderr
+        assert version(db_url) == []  # skipped: nothing migrated
+        port = str(free_port())
+        result = run_container(api, db_url, MIGRATION_WAIT_FOR_HEAD_SECONDS="2", PORT=port)
+        assert result.returncode == 4, result.stderr
+        assert "not starting the service" in result.stderr
+        assert "listening" not in result.stdout + result.stderr
+    header = (MANIFESTS / INITCONTAINER_FILE).read_text().split("\napiVersion:", 1)[0]
+    for text in (header, DOCS.read_text()):
+        assert "MIGRATION_WAIT_FOR_HEAD_SECONDS" in text
+        assert "skip" in text and "never starts before" not in text
+
+
+def test_a_rollback_starts_the_older_image_unless_told_to_fail(db_url: str) -> None:
+    """As docs/kubernetes.md says: a database ahead of the image (a newer one migrated) is
+    never downgraded; the migrate-and-exit container exits 0, or 1 with
+    MIGRATION_UNKNOWN_REVISION=fail."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY)")
+        conn.execute("INSERT INTO alembic_version VALUES ('0004_from_a_newer_image')")
+    for container in EXITING:
+        result = run_container(container, db_url)
+        assert result.returncode == 0, f"{container.id}:\n{result.stderr}"
+        assert "The database is ahead of this image" in result.stderr
+        result = run_container(container, db_url, MIGRATION_UNKNOWN_REVISION="fail")
+        assert result.returncode == 1, f"{container.id}:\n{result.stderr}"
+        assert version(db_url) == ["0004_from_a_newer_image"]  # never downgraded
+    assert "MIGRATION_UNKNOWN_REVISION" in DOCS.read_text()

@@ -82,8 +82,16 @@ def test_the_sdist_and_the_wheel_hold_the_package(dist: Path) -> None:
     assert sources <= {Path(name).name for name in names if name.startswith("prosaas_migrate/")}
     assert "prosaas-migrate = prosaas_migrate.cli:main" in entry_points
     with tarfile.open(sdist) as archive:
-        members = {member.split("/", 1)[-1] for member in archive.getnames()}
-    assert {"pyproject.toml", "README.md", "prosaas_migrate/cli.py"} <= members
+        members = {m.name.split("/", 1)[-1] for m in archive.getmembers() if m.isfile()}
+    assert {f"prosaas_migrate/{name}" for name in sources} == {
+        m for m in members if m.startswith("prosaas_migrate/")
+    }
+    # The package and its metadata, and no tests: shipping test_*.py without conftest.py and
+    # its helpers (or without examples/, the Dockerfile, scripts/) gives tests that cannot run.
+    metadata = {m for m in members if not m.startswith("prosaas_migrate/")}
+    assert {m for m in metadata if not m.startswith("prosaas_migrate.egg-info/")} == {
+        "PKG-INFO", "README.md", "pyproject.toml", "setup.cfg", "MANIFEST.in",
+    }  # fmt: skip
 
 
 def test_the_fresh_venv_uses_the_installed_wheel(venv: Path, tmp_path: Path) -> None:

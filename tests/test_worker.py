@@ -12,8 +12,9 @@ import subprocess
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -31,6 +32,7 @@ from prosaas_migrate.worker_events import (
 from prosaas_migrate.worker_trace import (
     Event,
     Trace,
+    earlier,
     parse_duration,
     parse_line,
     parse_timestamp,
@@ -38,7 +40,7 @@ from prosaas_migrate.worker_trace import (
     render_text,
 )
 from tests.conftest import BIN, clean_env
-from tests.worker_logs import LEAKED_FOR_GOOD, PLANTED, generate
+from tests.worker_logs import LEAKED_FOR_GOOD, PLANTED, generate, generate_replicas
 
 
 @pytest.fixture
@@ -115,6 +117,16 @@ def test_events_go_through_python_logging(caplog: pytest.LogCaptureFixture) -> N
 
 
 # -- worker-trace ----------------------------------------------------------------------------
+
+
+def findings(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What worker-trace found, in the shape of PLANTED."""
+    return {
+        "recording_loops": {x["call_sid"]: x["picks"] for x in report["recording_loops"]},
+        "leaked_slots": {x["call_sid"]: x["why"] for x in report["leaked_slots"]},
+        "double_releases": {x["call_sid"]: x["why"] for x in report["double_releases"]},
+        "repeated_failures": {x["call_sid"]: x["failures"] for x in report["repeated_failures"]},
+    }
 
 
 def test_finds_exactly_the_planted_anomalies_among_thousands_of_jobs() -> None:
@@ -263,6 +275,137 @@ def seconds_held_to_the_end(call_sid: str, lines: list[str]) -> float | None:
     return (max(times) - since).total_seconds()
 
 
+# -- replicas' logs out of time order --------------------------------------------------------
+
+
+def ca7(worker: str, *names_and_seconds: tuple[str, int]) -> list[str]:
+    """CA7's events as `kubectl logs --prefix --timestamps` shows them for one pod."""
+    lines = []
+    for name, second in names_and_seconds:
+        fields: dict[str, object] = {"call_sid": "CA7", "business_id": 7}
+        stamp = f"2026-11-28T10:00:{second:02d}.000000000Z"
+        lines.append(f"[pod/{worker}/worker] {stamp} {events.format_line(name, fields)}")
+    return lines
+
+
+# worker-1 picks CA7 and fails; worker-2 retries it and succeeds. Without -f, kubectl prints
+# one pod's log after the other's: here worker-2's, whose log begins at 10:00:10.
+WORKER_1 = ca7("worker-1", (PICKED, 0), (SLOT_ACQUIRED, 1), (JOB_FAILED, 2), (RELEASE_SLOT, 3))
+WORKER_2 = ca7("worker-2", (PICKED, 10), (SLOT_ACQUIRED, 10), (DOWNLOAD_DONE, 11),
+               (RELEASE_SLOT, 11))  # fmt: skip
+
+
+@pytest.mark.parametrize("cut", [0, 2], ids=["whole logs", "worker-1's log begins at 10:00:02"])
+def test_one_pods_log_after_anothers_is_no_problem(cut: int, tmp_path: Path) -> None:
+    reversed_order = WORKER_2 + WORKER_1[cut:]
+    result = run_trace([], "\n".join(reversed_order) + "\n", tmp_path)
+    assert result.returncode == 0, result.stdout
+    assert "Slots released twice (or never acquired): none" in result.stdout
+    assert f"Events out of time order: {4 - cut}, not judged" in result.stdout
+    assert "sort the input by time for an exact trace" in result.stdout
+    report = Trace().read(reversed_order).report()
+    assert report["out_of_order_events"] == 4 - cut and report["jobs_completed"] == 1
+    # In time order the same lines are exact, and nothing is out of order.
+    in_order = Trace().read(WORKER_1[cut:] + WORKER_2).report()
+    assert in_order["out_of_order_events"] == 0 and not problems_found(in_order)
+    assert in_order["jobs_completed"] == 1
+
+
+def test_a_real_double_release_is_found_whatever_came_before_it_late() -> None:
+    doubled = ca7("worker-2", (PICKED, 10), (SLOT_ACQUIRED, 10), (DOWNLOAD_DONE, 11),
+                  (RELEASE_SLOT, 11), (RELEASE_SLOT, 12))  # fmt: skip
+    report = Trace().read(doubled + WORKER_1).report()
+    assert [x["why"] for x in report["double_releases"]] == ["released twice"]
+    assert report["out_of_order_events"] == 4 and report["findings_withdrawn"] == 0
+
+
+def test_a_finding_an_event_shown_late_could_undo_is_withdrawn() -> None:
+    # Chunks of two pods' logs, as `docker compose logs` (without -f) may interleave them:
+    # worker-1's release comes after worker-2 picked the call again.
+    chunks = WORKER_1[:2] + WORKER_2 + WORKER_1[2:]
+    report = Trace().read(chunks).report()
+    assert not problems_found(report), report
+    assert report["out_of_order_events"] == 2 and report["findings_withdrawn"] == 1
+    # A slot still held at the end, with an event shown late after it was taken: that event
+    # may be its release, so the slot is in flight, not proven leaked.
+    held = ca7("worker-1", (PICKED, 0), (SLOT_ACQUIRED, 1))
+    later = ca7("worker-2", (JOB_FAILED, 30))  # its own job, begun before its log
+    late = ca7("worker-1", (RELEASE_SLOT, 3))
+    noise = ["[pod/worker-2/worker] 2026-11-28T10:30:00.000000000Z DEBUG polling queue"]
+    report = Trace().read(held + later + late + noise).report()
+    assert not report["leaked_slots"] and report["findings_withdrawn"] == 1
+    assert report["in_flight_at_end"] == 1
+
+
+def test_a_release_by_a_replica_whose_log_begins_later_proves_nothing() -> None:
+    # `kubectl logs --tail` cuts each pod's log at its own place: worker-2's pick and acquire
+    # of CA7 are cut off, its release is the first thing its log shows of CA7.
+    worker_2 = ["[pod/worker-2/worker] 2026-11-28T10:00:09.000000000Z DEBUG polling queue",
+                *WORKER_2[3:]]  # fmt: skip
+    report = Trace().read(WORKER_1 + worker_2).report()
+    assert not problems_found(report), report
+    # A replica whose log began before the first release shows a real second release.
+    worker_2 = ["[pod/worker-2/worker] 2026-11-28T10:00:02.000000000Z DEBUG polling queue",
+                *WORKER_2[3:]]  # fmt: skip
+    report = Trace().read(WORKER_1 + worker_2).report()
+    assert [x["why"] for x in report["double_releases"]] == ["released twice"]
+
+
+REPLICA_ORDERS = list(itertools.permutations(range(3)))
+
+
+@pytest.mark.parametrize("kubectl", [True, False], ids=["kubectl --prefix", "cat *.log"])
+@pytest.mark.parametrize("order", REPLICA_ORDERS, ids=map(str, REPLICA_ORDERS))
+def test_a_healthy_log_replica_after_replica_is_healthy(kubectl: bool, order: tuple[int]) -> None:
+    logs = generate_replicas(1500, seed=21, plant=False, kubectl=kubectl)
+    report = Trace().read(line for replica in order for line in logs[replica]).report()
+    assert not problems_found(report), findings(report)
+    assert not report["repeated_failures"]
+    assert report["jobs_completed"] == 1500
+    assert report["out_of_order_events"] > 0  # retries on another replica, shown first
+    merged = sorted((line for log in logs for line in log), key=time_of)
+    assert Trace().read(merged).report()["out_of_order_events"] == 0
+
+
+def time_of(line: str) -> str:
+    event = parse_line(line)
+    stamp = event.ts if event else re.search(r"20\d\d-\S+", line)
+    return stamp if isinstance(stamp, str) else stamp.group(0) if stamp else ""
+
+
+@pytest.mark.parametrize("kubectl", [True, False], ids=["kubectl --prefix", "cat *.log"])
+@pytest.mark.parametrize("order", REPLICA_ORDERS, ids=map(str, REPLICA_ORDERS))
+def test_planted_problems_are_found_replica_after_replica(kubectl: bool, order: tuple[int]) -> None:
+    logs = generate_replicas(1500, seed=21, kubectl=kubectl)
+    report = Trace().read(line for replica in order for line in logs[replica]).report()
+    assert findings(report) == PLANTED
+
+
+HEALTHY_REPLICAS = [generate_replicas(600, seed=seed, plant=False) for seed in range(3)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_replicas_cut_and_interleaved_anyhow_are_healthy(data: st.DataObject) -> None:
+    """`--tail` per pod, then the pods' logs in any order, whole or in chunks (`docker compose
+    logs` without -f interleaves them as they arrive)."""
+    logs = [
+        log[data.draw(st.integers(0, len(log) // 2), label="tail") :]
+        for log in data.draw(st.sampled_from(HEALTHY_REPLICAS), label="replicas")
+    ]
+    chunked = data.draw(st.booleans(), label="chunked")
+    lines: list[str] = []
+    pending = [list(log) for log in data.draw(st.permutations(logs), label="order")]
+    while any(pending):
+        log = pending[data.draw(st.integers(0, len(pending) - 1)) if chunked else 0]
+        size = data.draw(st.integers(1, 300), label="chunk") if chunked else len(log)
+        lines += log[:size]
+        del log[:size]
+        pending = [log for log in pending if log]
+    report = Trace().read(lines).report()
+    assert not problems_found(report), findings(report)
+
+
 def job(call: str, *names: str, start: int = 0, step: int = 60, stamps: bool = True) -> list[str]:
     """One call's events, a minute apart from 10:00 (or without times)."""
     lines = []
@@ -299,7 +442,8 @@ def test_a_release_is_a_problem_only_when_the_log_proves_it(
 
 def test_a_second_release_long_after_the_first_is_still_seen() -> None:
     others = [line for n in range(500) for line in job(f"CA{n}", *FULL_JOB, stamps=False)]
-    report = Trace().read([*job("CA1", *FULL_JOB), *others, *job("CA1", RELEASE_SLOT)]).report()
+    later = job("CA1", RELEASE_SLOT, start=600)  # after the first job's 10:03 release
+    report = Trace().read([*job("CA1", *FULL_JOB), *others, *later]).report()
     assert [x["call_sid"] for x in report["double_releases"]] == ["CA1"]
 
 
@@ -375,17 +519,72 @@ def test_log_timestamps_parse_in_every_iso_form(text: str, expected: datetime | 
     assert parse_timestamp(text) == expected
 
 
+def written(moment: datetime, form: tuple[str, str, int, str]) -> str:
+    """`moment` as a log writes it: separator, fraction mark and digits, zone (or none)."""
+    separator, mark, digits, zone = form
+    text = moment.strftime(f"%Y-%m-%d{separator}%H:%M:%S")
+    if digits:
+        text += mark + f"{moment.microsecond:06d}"[:digits]
+    if zone == "naive":
+        return text
+    offset = moment.utcoffset() or timedelta()
+    if zone == "Z" and not offset:
+        return text + "Z"
+    minutes = int(offset.total_seconds()) // 60
+    sign = "-" if minutes < 0 else "+"
+    return text + f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+
+
+FORMS = st.tuples(
+    st.sampled_from(["T", " "]), st.sampled_from([".", ","]), st.sampled_from([0, 3, 6]),
+    st.sampled_from(["Z", "offset", "naive"]),
+)  # fmt: skip
+MOMENTS = st.datetimes(
+    min_value=datetime(2026, 11, 28, 9), max_value=datetime(2026, 11, 28, 11),
+    timezones=st.sampled_from([UTC, timezone(timedelta(hours=2)), timezone(-timedelta(hours=5))]),
+)  # fmt: skip
+
+
+@settings(max_examples=500)
+@given(MOMENTS, FORMS, MOMENTS, FORMS)
+def test_earlier_is_time_order_whatever_the_form(
+    one: datetime, form: tuple[str, str, int, str], two: datetime, other: tuple[str, str, int, str]
+) -> None:
+    a, b = written(one, form), written(two, other)
+    start, end = parse_timestamp(a), parse_timestamp(b)
+    assert start is not None and end is not None
+    comparable = (start.tzinfo is None) == (end.tzinfo is None)
+    assert earlier(a, b) == (comparable and start < end), (a, b)
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("90s", 90), ("10m", 600), ("1h", 3600), ("1h30m", 5400), ("1.5h", 5400), ("0.5s", 0.5)],
-)
+    [("90s", 90), ("10m", 600), ("1h", 3600), ("1h30m", 5400), ("1.5h", 5400), ("0.5s", 0.5),
+     ("1h1m1s", 3661), ("2m30s", 150), ("0.001s", 0.001), ("0.0014s", 0.001), ("720h", 2592000),
+     ("719h59m59.999s", 2591999.999)],
+)  # fmt: skip
 def test_leak_after_durations(text: str, seconds: float) -> None:
     assert parse_duration(text).total_seconds() == seconds
 
 
-@pytest.mark.parametrize("text", ["", "10", "10M", "10 m", "-5m", "0s", "1d", "m", "1h 30m"])
+@pytest.mark.parametrize(
+    "text",
+    ["", "10", "10M", "10 m", "-5m", "1d", "m", "1h 30m", "1m1m", "30m1h", "1s1m", "1h1h",
+     ".5h", "5.h", "1e3s", "\u0661\u0660m", "inf", "nans"],
+)  # fmt: skip
 def test_leak_after_rejects_anything_else(text: str) -> None:
-    with pytest.raises(ValueError, match="duration"):
+    with pytest.raises(ValueError, match=r"is not a duration; expected .* each at most once"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [("0s", "shorter than the shortest allowed, 0.001s"), ("0.0000001s", "shortest allowed"),
+     ("0.0004s", "shortest allowed"), ("720.001h", "longer than the longest allowed, 720h"),
+     ("999999999999h", "longest allowed"), ("9" * 400 + "s", "longest allowed")],
+)  # fmt: skip
+def test_leak_after_is_bounded(text: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
         parse_duration(text)
 
 
@@ -438,9 +637,11 @@ def test_an_elastic_common_schema_log_exits_0(tmp_path: Path) -> None:
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
-    | st.sampled_from([*MARKERS, "WORKER_", "WORKER_STARTED"]),
+    | st.sampled_from([*MARKERS, "WORKER_", "WORKER_STARTED", "[WORKER_PICKED] call_sid=CA1",
+                       "2026-11-28T10:00:00Z", '{"event": "WORKER_RELEASE_SLOT", "call_sid": 1}']),
     lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.sampled_from(["event", "ts", "call_sid", "business_id", "kind"])
+    | st.dictionaries(st.sampled_from(["event", "ts", "call_sid", "business_id", "kind",
+                                       "message", "log", "@timestamp", "time"])
                       | st.text(max_size=8), children, max_size=5),
     max_leaves=20,
 )  # fmt: skip
@@ -451,7 +652,8 @@ ANY_LINE = st.one_of(
     st.builds("[{}] {}".format, st.sampled_from(list(MARKERS)), st.text(max_size=80)),
 )
 DECORATION = st.sampled_from(["", "worker-1  | ", "\x1b[36mworker-1  | \x1b[0m",
-                              "2026-11-28T10:00:00.123456789Z ", "\x1b[1m"])  # fmt: skip
+                              "2026-11-28T10:00:00.123456789Z ", "\x1b[1m", "[pod/w-1/w] ",
+                              "[pod/w-1/w] 2026-11-28T10:00:00.5Z "])  # fmt: skip
 
 
 @settings(max_examples=400, deadline=None)
@@ -495,7 +697,9 @@ def decorated(prefix: str, stamp: bool, colour: str, form: str) -> str:
         line = f"\x1b[31m{line}\x1b[0m"
     if stamp:
         line = f"{COMPOSE_STAMP} {line}"
-    if prefix:
+    if prefix.startswith("[pod/"):
+        line = f"{prefix} {line}"  # kubectl never colours it
+    elif prefix:
         line = f"{prefix:<10}| {line}"
         if colour in ("compose", "both"):  # compose colours its whole prefix, blank included
             line = f"\x1b[1;36m{line[:12]}\x1b[0m{line[12:]}"
@@ -503,7 +707,8 @@ def decorated(prefix: str, stamp: bool, colour: str, form: str) -> str:
 
 
 DECORATIONS = itertools.product(
-    ["", "worker-1", "worker_1", "app.worker-12"],  # compose v2, v1, a long project name
+    ["", "worker-1", "worker_1", "app.worker-12", "[pod/worker-7c9d-x2/worker]"],  # compose
+    # v2, v1, a long project name; `kubectl logs --prefix`
     [False, True],  # docker compose logs -t
     ["none", "compose", "app", "both"],  # who colours
     ["json", "text", "text with its own time"],
@@ -520,6 +725,85 @@ def test_prefix_timestamp_and_colour_never_change_the_event(
     assert event.fields == {"call_sid": "CA1", "business_id": "7", "error": ERROR}
     own_time = form != "text"
     assert event.ts == (APP_STAMP if own_time else COMPOSE_STAMP if stamp else None)
+
+
+def ecs(line: str, stamp: str) -> str:
+    """The line as an Elastic Common Schema logger writes it."""
+    return json.dumps({"@timestamp": stamp, "log.level": "info", "message": line,
+                       "ecs.version": "1.6.0", "process": {"pid": 7},
+                       "event": {"kind": "event", "dataset": "worker"}})  # fmt: skip
+
+
+def json_file(line: str, stamp: str) -> str:
+    """The line as Docker's json-file logging driver stores it."""
+    return json.dumps({"log": line + "\n", "stream": "stderr", "time": stamp})
+
+
+OURS_JSON = json.dumps({"ts": APP_STAMP, "level": "error", "event": JOB_FAILED,
+                        "message": events.format_line(JOB_FAILED, FIELDS), **FIELDS})  # fmt: skip
+WRAPPER_STAMP = "2026-11-28T10:00:07.5Z"
+
+
+@pytest.mark.parametrize(
+    ("line", "ts"),
+    [
+        (ecs(events.format_line(JOB_FAILED, FIELDS), WRAPPER_STAMP), WRAPPER_STAMP),
+        (json_file(events.format_line(JOB_FAILED, FIELDS), WRAPPER_STAMP), WRAPPER_STAMP),
+        (json_file(f"{APP_STAMP} ERROR " + events.format_line(JOB_FAILED, FIELDS),
+                   WRAPPER_STAMP), APP_STAMP),  # the app's own time wins
+        (json_file("\x1b[31m" + events.format_line(JOB_FAILED, FIELDS) + "\x1b[0m",
+                   WRAPPER_STAMP), WRAPPER_STAMP),
+        (json_file(OURS_JSON, WRAPPER_STAMP), APP_STAMP),
+        (json_file(ecs(events.format_line(JOB_FAILED, FIELDS), APP_STAMP), WRAPPER_STAMP),
+         APP_STAMP),
+        (f"worker-1  | {COMPOSE_STAMP} " + ecs(events.format_line(JOB_FAILED, FIELDS), APP_STAMP),
+         APP_STAMP),
+        (ecs(events.format_line(JOB_FAILED, FIELDS), "yesterday"), None),  # no time is no time
+        (json.dumps({"log": events.format_line(JOB_FAILED, FIELDS), "time": 7}), None),
+    ],
+    ids=["ecs", "json-file", "json-file, app time", "json-file, colour", "json-file around ours",
+         "json-file around ecs", "compose around ecs", "ecs, no time", "json-file, no time"],
+)  # fmt: skip
+def test_a_worker_line_inside_another_loggers_json_is_read(line: str, ts: str | None) -> None:
+    event = parse_line(line)
+    assert event is not None
+    assert (event.name, event.fields, event.ts) == (
+        JOB_FAILED, {"call_sid": "CA1", "business_id": "7", "error": ERROR}, ts,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        ecs("GET /healthz 200", WRAPPER_STAMP),
+        json_file("[WORKER_STARTED] pid=7", WRAPPER_STAMP),
+        json_file("WORKER_PICKED without brackets call_sid=CA1", WRAPPER_STAMP),
+        json.dumps({"message": ["[WORKER_PICKED] call_sid=CA1"], "log": 7}),
+        json.dumps({"message": None, "log": {"text": "[WORKER_PICKED] call_sid=CA1"}}),
+        json_file(json_file(json_file(json_file(events.format_line(PICKED, FIELDS), "x"), "x"),
+                            "x"), "x"),  # wrapped deeper than any logger does
+        json_file('{"event": "WORKER_' + "[" * 50_000, WRAPPER_STAMP),
+    ],
+    ids=["ecs, not the worker", "json-file, a tag that is no event", "json-file, no tag",
+         "not text", "not text either", "too deep", "broken inside"],
+)  # fmt: skip
+def test_foreign_json_without_a_worker_line_is_noise(line: str) -> None:
+    assert parse_line(line) is None
+    assert Trace().read([line]).report()["worker_events"] == 0
+
+
+@pytest.mark.parametrize("wrap", [ecs, json_file], ids=["ecs", "json-file"])
+def test_a_recording_loop_in_wrapped_lines_is_found(
+    wrap: Callable[[str, str], str], tmp_path: Path
+) -> None:
+    lines = []
+    for second, name in enumerate([PICKED, SLOT_ACQUIRED, JOB_FAILED, RELEASE_SLOT] * 3):
+        line = events.format_line(name, {"call_sid": "CALOOP", "business_id": 3})
+        lines.append(wrap(line, f"2026-11-28T10:00:{second:02d}.000Z"))
+    result = run_trace([], "\n".join(lines) + "\n", tmp_path)
+    assert result.returncode == 1, result.stdout
+    assert "12 worker events" in result.stdout
+    assert "CALOOP business_id=3 picked 3 times (first 2026-11-28T10:00:00.000Z" in result.stdout
 
 
 # -- linear in the line's length -------------------------------------------------------------
@@ -591,9 +875,11 @@ def test_cli_bad_arguments_are_one_line(tmp_path: Path) -> None:
     assert "missing.log" in result.stderr and "Traceback" not in result.stderr
     result = run_trace(["--loop-threshold", "0"], "", tmp_path)
     assert result.returncode == 2
-    result = run_trace(["--leak-after", "10 minutes"], "", tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert "--leak-after" in result.stderr and "Traceback" not in result.stderr
+    for leak_after in ("10 minutes", "999999999999h", "0.0000001s", "1m1m", "30m1h"):
+        result = run_trace(["--leak-after", leak_after], "", tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert "--leak-after" in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()[-1]) > 20  # says why, in one line
 
 
 def test_the_readme_documents_every_json_field() -> None:

@@ -49,7 +49,14 @@ class Clock:
 
 
 def _render(
-    event: str, fields: dict[str, object], ts: str, rng: random.Random, *, stamped: bool = False
+    event: str,
+    fields: dict[str, object],
+    ts: str,
+    rng: random.Random,
+    *,
+    stamped: bool = False,
+    compose: bool = True,
+    replica_of: dict[object, int] | None = None,
 ) -> str:
     style = rng.random()
     if style < 0.15:  # a JSON-lines worker (MIGRATION_LOG_FORMAT=json)
@@ -59,8 +66,12 @@ def _render(
         line = format_line(event, fields)
         if style < 0.55 or stamped:
             line = f"{ts} INFO {line}"
-    if rng.random() < 0.3:  # as `docker compose logs` shows it: -t adds RFC3339Nano, --ansi colour
-        prefix = f"worker-{rng.randint(1, 3)}  | "
+    # As `docker compose logs` shows it: -t adds RFC3339Nano, --ansi colour.
+    if compose and rng.random() < 0.3:
+        replica = rng.randint(1, 3)
+        if replica_of is not None:  # the replica of the call's first prefixed line, this attempt
+            replica = replica_of.setdefault(fields["call_sid"], replica)
+        prefix = f"worker-{replica}  | "
         if rng.random() < 0.3:
             prefix = f"\x1b[3{rng.randint(1, 6)}m{prefix}\x1b[0m"
         if rng.random() < 0.5:
@@ -149,12 +160,15 @@ def _leaked_for_good() -> list[Step]:
     return [_ev(PICKED, call), _ev(SLOT_ACQUIRED, call), _download(call)]
 
 
-def generate(
-    jobs: int, *, seed: int = 0, plant: bool = True, concurrency: int = 8, businesses: int = 25
-) -> Iterator[str]:
-    """Log lines (no newline) for `jobs` normal jobs, interleaved, with noise and, if `plant`,
-    the anomalies of PLANTED spread through the log."""
-    rng = random.Random(seed)
+# An event with its time, or a noise line.
+Entry = tuple[str, dict[str, object], str] | str
+
+
+def _timeline(
+    jobs: int, rng: random.Random, *, plant: bool, concurrency: int, businesses: int
+) -> Iterator[Entry]:
+    """`jobs` normal jobs, interleaved, in time order, with noise and, if `plant`, the anomalies
+    of PLANTED spread through them."""
     clock = Clock()
     started = 0
     planted = _planted() if plant else []
@@ -180,7 +194,61 @@ def generate(
             yield rng.choice(NOISE)
         job = rng.choice(active)
         event, fields = job.pop(0)
-        stamped = fields["call_sid"] == LEAKED_FOR_GOOD
-        yield _render(event, fields, clock.tick(rng), rng, stamped=stamped)
+        yield event, fields, clock.tick(rng)
         if not job:
             active.remove(job)
+
+
+def generate(
+    jobs: int, *, seed: int = 0, plant: bool = True, concurrency: int = 8, businesses: int = 25
+) -> Iterator[str]:
+    """Log lines (no newline) for `jobs` normal jobs, interleaved, with noise and, if `plant`,
+    the anomalies of PLANTED spread through the log."""
+    rng = random.Random(seed)
+    replica_of: dict[object, int] = {}  # each attempt at a job runs on one replica
+    for entry in _timeline(jobs, rng, plant=plant, concurrency=concurrency, businesses=businesses):
+        if isinstance(entry, str):
+            yield entry
+            continue
+        event, fields, ts = entry
+        call = fields["call_sid"]
+        yield _render(
+            event, fields, ts, rng, stamped=call == LEAKED_FOR_GOOD, replica_of=replica_of
+        )
+        if event == RELEASE_SLOT:
+            replica_of.pop(call, None)
+
+
+def generate_replicas(
+    jobs: int, *, replicas: int = 3, seed: int = 0, plant: bool = True, kubectl: bool = True
+) -> list[list[str]]:
+    """The same jobs run by `replicas` workers: each replica's own log, in time order.
+
+    Every attempt at a job, from its pick to its release, runs on one replica, and a retry on
+    any (a job picked again while its slot is held stays where the slot is). Every line carries
+    its time: `kubectl logs --prefix --timestamps` puts `[pod/worker-2/worker] <RFC 3339>` in
+    front of each (`kubectl`), or each replica's file has the app's own times (`cat`-ed files).
+    """
+    rng = random.Random(seed)
+    logs: list[list[str]] = [[] for _ in range(replicas)]
+    replica_of: dict[object, int] = {}
+    holding: set[object] = set()
+    ts = Clock().tick(rng)
+    for entry in _timeline(jobs, rng, plant=plant, concurrency=8, businesses=25):
+        if isinstance(entry, str):
+            replica, line = rng.randrange(replicas), entry
+        else:
+            event, fields, ts = entry
+            call = fields["call_sid"]
+            if event == PICKED and call not in holding:
+                replica_of[call] = rng.randrange(replicas)
+            if event == SLOT_ACQUIRED:
+                holding.add(call)
+            elif event == RELEASE_SLOT:
+                holding.discard(call)
+            replica = replica_of.setdefault(call, rng.randrange(replicas))
+            line = _render(event, fields, ts, rng, stamped=True, compose=False)
+        if kubectl:
+            line = f"[pod/worker-{replica + 1}/worker] {ts.replace('Z', '000000Z')} {line}"
+        logs[replica].append(line)
+    return logs
