@@ -176,7 +176,7 @@ def migrate(
         if holding is None:
             return
         conn = holding
-        _upgrade_under_lock(conn, key, reader, session, settings, clock, state or RunState())
+        _under_lock(conn, key, reader, session, settings, clock, state or RunState())
     except psycopg.errors.QueryCanceled as exc:
         # Not a lost server: a statement_timeout set on the database or role, say.
         raise DatabaseError(
@@ -242,6 +242,28 @@ def _settled(position: Position, settings: Settings, *, locked: bool) -> bool:
     return False
 
 
+def _under_lock(
+    conn: psycopg.Connection[Any],
+    key: int,
+    reader: Reader,
+    session: dict[str, str],
+    settings: Settings,
+    clock: Callable[[], float],
+    state: RunState,
+) -> None:
+    """Holding the lock: read the version again, and upgrade if anything is still pending."""
+    from prosaas_migrate import lock
+
+    with lock.releasing(conn, key):
+        # Whoever held the lock before us may have just migrated. On the fast path this costs
+        # one query, and a restart that finds the schema current never imports Alembic.
+        if reader.goal.graph is not None:
+            position = reader.position(conn, 10_000)
+            if _settled(position, settings, locked=True):
+                return
+        _upgrade_under_lock(conn, key, reader, session, settings, clock, state)
+
+
 def _upgrade_under_lock(
     conn: psycopg.Connection[Any],
     key: int,
@@ -299,77 +321,71 @@ def _upgrade_under_lock(
     )
     monitor = Monitor(info, watch, connect=monitor_connection, clock=clock).start()
     try:
-        with lock.releasing(conn, key):
-            # Re-read under the lock: whoever held it before us may have just migrated.
-            if goal.graph is not None:
-                position = reader.position(conn, 10_000)
-                if _settled(position, settings, locked=True):
-                    return
-            cfg, script, heads = reader.alembic
-            ran: list[str] = []  # every revision whose upgrade() completed, all attempts
-            attempt = 0
-            while True:
-                done = migrations.Upgrade()
-                try:
-                    migrations.upgrade(conn, cfg, script, info, done, hooks)
-                    ran += [r for r in done.ran if r not in ran]
-                    state.committed = bool(ran)  # a signal from now on ends nothing half-done
-                    break
-                except MigrationFailed as failure:
-                    ran += [r for r in done.ran if r not in ran]
-                    blockers = list(watch.blockers)  # what the monitor last saw blocking it
-                    watch.running(None, clock())
-                    _raise_if_lock_lost(failure, conn, watch)
-                    tried = {*done.ran, *([failure.revision] if failure.revision else [])}
-                    partly = sorted(watch.autocommitted & tried)
-                    lock_timeout = migrations.sqlstate(failure.original) == "55P03"
-                    if lock_timeout:
-                        failure.cause += "; blocked by " + (
-                            "; ".join(describe_blockers(blockers)) or _UNSEEN_BLOCKER
-                        )
-                    if not lock_timeout or attempt >= settings.ddl_lock_retries or partly:
-                        if lock_timeout and partly:
-                            failure.cause += (
-                                f"; not retried: {', '.join(partly)} committed work outside a "
-                                "transaction (autocommit_block) that a retry would run again"
-                            )
-                        raise _accounted(failure, conn, reader, done, partly) from failure.original
-                    attempt += 1
-                    delay = _retry_delay(attempt)
-                    logs.ddl_lock_retry(
-                        failure.revision,
-                        attempt,
-                        settings.ddl_lock_retries,
-                        delay,
-                        describe_blockers(blockers) or [_UNSEEN_BLOCKER],
-                        [b.as_dict() for b in blockers[:10]],
-                    )
-                    time.sleep(delay)
+        cfg, script, heads = reader.alembic
+        ran: list[str] = []  # every revision whose upgrade() completed, all attempts
+        attempt = 0
+        while True:
+            done = migrations.Upgrade()
             try:
-                with database.answering_within(30):
-                    now = reader.committed(conn, done.states)
-            except (psycopg.OperationalError, database.NoAnswer) as exc:
-                raise LockLost(
-                    key,
-                    f"the lock session stopped answering after the upgrade "
-                    f"({database.one_line(exc, info)})",
-                    consequence="The upgrade itself had finished; check where the schema stands "
-                    "with `prosaas-migrate status` before trusting it",
-                ) from None
-            _, script, _ = reader.alembic
-            kept = migrations.committed(script, now.current)
-            if not now.at_head:
-                raise MigrationFailed(
-                    None,
-                    f"the upgrade ended at {list(now.current) or 'base'}, not head "
-                    f"{list(heads)}: it was not committed",
-                    rolled_back=[r for r in ran if r not in kept],
-                    committed=[r for r in ran if r in kept],
+                migrations.upgrade(conn, cfg, script, info, done, hooks)
+                ran += [r for r in done.ran if r not in ran]
+                state.committed = bool(ran)  # a signal from now on ends nothing half-done
+                break
+            except MigrationFailed as failure:
+                ran += [r for r in done.ran if r not in ran]
+                blockers = list(watch.blockers)  # what the monitor last saw blocking it
+                watch.running(None, clock())
+                _raise_if_lock_lost(failure, conn, watch)
+                tried = {*done.ran, *([failure.revision] if failure.revision else [])}
+                partly = sorted(watch.autocommitted & tried)
+                lock_timeout = migrations.sqlstate(failure.original) == "55P03"
+                if lock_timeout:
+                    failure.cause += "; blocked by " + (
+                        "; ".join(describe_blockers(blockers)) or _UNSEEN_BLOCKER
+                    )
+                if not lock_timeout or attempt >= settings.ddl_lock_retries or partly:
+                    if lock_timeout and partly:
+                        failure.cause += (
+                            f"; not retried: {', '.join(partly)} committed work outside a "
+                            "transaction (autocommit_block) that a retry would run again"
+                        )
+                    raise _accounted(failure, conn, reader, done, partly) from failure.original
+                attempt += 1
+                delay = _retry_delay(attempt)
+                logs.ddl_lock_retry(
+                    failure.revision,
+                    attempt,
+                    settings.ddl_lock_retries,
+                    delay,
+                    describe_blockers(blockers) or [_UNSEEN_BLOCKER],
+                    [b.as_dict() for b in blockers[:10]],
                 )
-            if ran:
-                logs.migrations_done([r for r in ran if r in kept], heads)
-            else:
-                logs.at_head(heads, locked=True)
+                time.sleep(delay)
+        try:
+            with database.answering_within(30):
+                now = reader.committed(conn, done.states)
+        except (psycopg.OperationalError, database.NoAnswer) as exc:
+            raise LockLost(
+                key,
+                f"the lock session stopped answering after the upgrade "
+                f"({database.one_line(exc, info)})",
+                consequence="The upgrade itself had finished; check where the schema stands "
+                "with `prosaas-migrate status` before trusting it",
+            ) from None
+        _, script, _ = reader.alembic
+        kept = migrations.committed(script, now.current)
+        if not now.at_head:
+            raise MigrationFailed(
+                None,
+                f"the upgrade ended at {list(now.current) or 'base'}, not head "
+                f"{list(heads)}: it was not committed",
+                rolled_back=[r for r in ran if r not in kept],
+                committed=[r for r in ran if r in kept],
+            )
+        if ran:
+            logs.migrations_done([r for r in ran if r in kept], heads)
+        else:
+            logs.at_head(heads, locked=True)
     finally:
         monitor.stop()
 

@@ -108,6 +108,27 @@ def test_a_restart_at_head_imports_neither_alembic_nor_sqlalchemy(app: Path, db_
         assert not [line for line in imported if f" {heavy}" in line], heavy
 
 
+def test_a_runner_that_finds_head_under_the_lock_imports_no_alembic(
+    app: Path, db_url: str
+) -> None:
+    # In a race of replicas, every loser takes the lock in turn only to find the schema
+    # current: importing Alembic there cost each of them 0.35 s, one after another.
+    assert cli(["run"], enabled(db_url), app).returncode == 0
+    query(db_url, "UPDATE alembic_version SET version_num = 'r002'")
+    with psycopg.connect(db_url, autocommit=True) as winner:
+        winner.execute("SELECT pg_advisory_lock(%s)", [config.DEFAULT_LOCK_KEY])
+        loser = Running(["run"], enabled(db_url, PYTHONPROFILEIMPORTTIME="1"), app)
+        loser.wait_for("Waiting for migration lock")
+        winner.execute("UPDATE alembic_version SET version_num = 'r003'")
+    assert loser.finish() == 0, loser.stderr
+    assert "Schema is current at r003: nothing to migrate (checked again under the lock)" in (
+        loser.stderr
+    )
+    imported = [line for line in loser.lines if line.startswith("import time:")]
+    assert any(" psycopg" in line for line in imported)
+    assert not [line for line in imported if " alembic" in line or " sqlalchemy" in line]
+
+
 # -- configuration errors --------------------------------------------------------------------
 
 
