@@ -108,9 +108,7 @@ def test_a_restart_at_head_imports_neither_alembic_nor_sqlalchemy(app: Path, db_
         assert not [line for line in imported if f" {heavy}" in line], heavy
 
 
-def test_a_runner_that_finds_head_under_the_lock_imports_no_alembic(
-    app: Path, db_url: str
-) -> None:
+def test_a_runner_that_finds_head_under_the_lock_imports_no_alembic(app: Path, db_url: str) -> None:
     # In a race of replicas, every loser takes the lock in turn only to find the schema
     # current: importing Alembic there cost each of them 0.35 s, one after another.
     assert cli(["run"], enabled(db_url), app).returncode == 0
