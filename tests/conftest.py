@@ -174,3 +174,27 @@ def lock_holders(url: str) -> list[int]:
     """Backend pids holding any advisory lock in the database at `url`."""
     rows = query(url, "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted")
     return [int(str(row[0])) for row in rows]
+
+
+def on_a_terminal(
+    args: Sequence[str], env: Mapping[str, str], cwd: Path, timeout: float = 60
+) -> tuple[int, str]:
+    """Run the command with stdout on a pseudo-terminal; (exit code, what it wrote there)."""
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [str(BIN), *args], env=dict(env), cwd=cwd, stdout=follower, stderr=subprocess.PIPE
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO once the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    return proc.wait(timeout=timeout), b"".join(chunks).decode()

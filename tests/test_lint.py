@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import re
 import socket
-import subprocess
 import textwrap
 import threading
 from collections.abc import Iterator
@@ -26,7 +24,7 @@ from prosaas_migrate import lint, offline, revisions
 from prosaas_migrate.cli import main
 from prosaas_migrate.errors import ConfigError
 from tests import project
-from tests.conftest import BIN, clean_env, cli, query
+from tests.conftest import clean_env, cli, on_a_terminal, query
 
 # -- fixture projects -------------------------------------------------------------------------
 
@@ -1048,23 +1046,8 @@ def test_colour_only_on_a_terminal_and_never_with_no_color(
     env = clean_env()
     if no_color:
         env["NO_COLOR"] = no_color
-    leader, follower = pty.openpty()
-    proc = subprocess.Popen(
-        [str(BIN), "lint"], env=env, cwd=app, stdout=follower, stderr=subprocess.PIPE
-    )
-    os.close(follower)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # EIO once the child closed the terminal
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(leader)
-    assert proc.wait(timeout=60) == 1
-    output = b"".join(chunks).decode()
+    code, output = on_a_terminal(["lint"], env, app)
+    assert code == 1
     assert "index-not-concurrent" in output
     assert ("\x1b[" in output) is coloured
 

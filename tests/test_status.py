@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import pty
 import re
 import subprocess
 from collections.abc import Iterator
@@ -16,7 +14,7 @@ import pytest
 
 from prosaas_migrate import config
 from tests import project
-from tests.conftest import BIN, clean_env, cli, query, version
+from tests.conftest import clean_env, cli, on_a_terminal, query, version
 from tests.pgcluster import Cluster, free_port
 
 
@@ -254,23 +252,8 @@ def test_colour_only_on_a_terminal_and_never_with_no_color(
     env = clean_env({"DATABASE_URL": db_url})
     if no_color:
         env["NO_COLOR"] = no_color
-    leader, follower = pty.openpty()
-    proc = subprocess.Popen(
-        [str(BIN), "status"], env=env, cwd=app, stdout=follower, stderr=subprocess.PIPE
-    )
-    os.close(follower)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # EIO once the child closed the terminal
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(leader)
-    assert proc.wait(timeout=30) == 0
-    output = b"".join(chunks).decode()
+    code, output = on_a_terminal(["status"], env, app)
+    assert code == 0
     assert "Configuration" in output
     assert ("\x1b[" in output) is coloured
 
