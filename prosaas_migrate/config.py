@@ -336,7 +336,7 @@ def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str]]:
 def problems(environ: Mapping[str, str]) -> dict[str, ConfigError]:
     """Every bad variable at once (URLs included), for a report; load() stops at the first."""
     found: dict[str, ConfigError] = {}
-    url_in_use, _ = _database_url(environ)
+    url_in_use = url_variable(environ)
     for setting in SETTINGS:
         text = value_of(environ, setting.name)
         if text is None or (setting.name in URL_VARIABLES and setting.name != url_in_use):
@@ -358,6 +358,11 @@ def decide_run(environ: Mapping[str, str]) -> tuple[bool, str, str | None]:
     if role is not None:
         return role.strip().lower() in MIGRATING_ROLES, "SERVICE_ROLE", role
     return False, "default", None
+
+
+def lock_key(settings: Settings, version_table: str) -> int:
+    """MIGRATION_LOCK_KEY, or the key derived from the version table's qualified name."""
+    return settings.lock_key if settings.lock_key is not None else default_lock_key(version_table)
 
 
 def default_lock_key(version_table: str = DEFAULT_VERSION_TABLE) -> int:
@@ -390,12 +395,14 @@ def migration_conninfo(settings: Settings, ini_url: str | None) -> ConnInfo:
     return conninfo.parse(f"sqlalchemy.url in {settings.alembic_config}", ini_url)
 
 
+def url_variable(environ: Mapping[str, str]) -> str | None:
+    """The URL variable `run` migrates with (MIGRATION_DATABASE_URL > DATABASE_URL), if set."""
+    return next((name for name in URL_VARIABLES if value_of(environ, name) is not None), None)
+
+
 def _database_url(environ: Mapping[str, str]) -> tuple[str | None, str | None]:
-    for variable in URL_VARIABLES:
-        value = value_of(environ, variable)
-        if value is not None:
-            return variable, value
-    return None, None
+    variable = url_variable(environ)
+    return variable, None if variable is None else value_of(environ, variable)
 
 
 def value_of(environ: Mapping[str, str], variable: str) -> str | None:

@@ -14,7 +14,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from prosaas_migrate import logs
-from prosaas_migrate.config import Settings, default_lock_key
+from prosaas_migrate.config import Settings, lock_key
 from prosaas_migrate.errors import (
     DatabaseAhead,
     DatabaseUnreachable,
@@ -82,7 +82,7 @@ def migrate(
     *,
     hostname: str,
     clock: Callable[[], float],
-    state: RunState | None = None,
+    state: RunState,
 ) -> None:
     """Connect, see whether anything is pending, take the lock within the wait budget, upgrade
     to head and release; or start at once (at head), or skip (lock or version table busy)."""
@@ -147,9 +147,7 @@ def migrate(
             raise TransactionPooling(
                 settings.database_url_source or "DATABASE_URL", refused.reason
             ) from None
-        key = settings.lock_key
-        if key is None:
-            key = default_lock_key(database.table_name(position.table or database.DEFAULT_TABLE))
+        key = lock_key(settings, database.table_name(position.table or database.DEFAULT_TABLE))
         session = {
             "statement_timeout": str(settings.statement_timeout_ms),
             "lock_timeout": str(settings.ddl_lock_timeout_ms),
@@ -176,7 +174,7 @@ def migrate(
         if holding is None:
             return
         conn = holding
-        _under_lock(conn, key, reader, session, settings, clock, state or RunState())
+        _under_lock(conn, key, reader, session, settings, clock, state)
     except psycopg.errors.QueryCanceled as exc:
         # Not a lost server: a statement_timeout set on the database or role, say.
         raise DatabaseError(

@@ -41,7 +41,7 @@ def gather(
         "configuration": _configuration(environ, bad, dotenv_names, settings, dotenv_error),
     }
     report["alembic"], reader = _alembic(settings, bad)
-    report["database"], conn = _database(settings, bad, reader)
+    report["database"], conn = _database(settings, bad, reader, config.url_variable(environ))
     try:
         report["revisions"], table = _revisions(conn, reader)
         report["lock"] = _lock(conn, settings, bad, table)
@@ -76,9 +76,7 @@ def _configuration(
     from prosaas_migrate import conninfo
 
     rows = []
-    url_in_use = next(
-        (name for name in config.URL_VARIABLES if config.value_of(environ, name) is not None), None
-    )
+    url_in_use = config.url_variable(environ)
     for setting in config.SETTINGS:
         value = config.value_of(environ, setting.name)
         source = ".env" if setting.name in dotenv_names else "environment"
@@ -166,6 +164,7 @@ def _database(
     settings: config.Settings,
     bad: Mapping[str, ConfigError],
     reader: Reader | None,
+    in_use: str | None,  # the URL variable run would migrate with, even when it is invalid
 ) -> tuple[dict[str, Any], Any]:
     section: dict[str, Any] = {
         "reachable": False,
@@ -174,10 +173,6 @@ def _database(
         "server_version": None,
         "error": None,
     }
-    # The variable run would use, even when it is invalid (then settings fell back past it).
-    in_use = next((name for name in config.URL_VARIABLES if name in bad), None) or (
-        settings.database_url_source
-    )
     try:
         if in_use is not None and in_use in bad:
             raise bad[in_use]
@@ -255,9 +250,7 @@ def _lock(
 ) -> dict[str, Any]:
     from prosaas_migrate import database
 
-    key = settings.lock_key
-    if key is None:
-        key = config.default_lock_key(database.table_name(table or database.DEFAULT_TABLE))
+    key = config.lock_key(settings, database.table_name(table or database.DEFAULT_TABLE))
     section: dict[str, Any] = {
         "key": str(key),  # a 64-bit identifier: JSON numbers lose precision above 2**53
         "key_source": settings.lock_key_source,

@@ -11,12 +11,13 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import psycopg
 import pytest
 
 from prosaas_migrate.config import KNOWN_VARIABLES
-from tests.pgcluster import Cluster
+from tests.pgcluster import PGBOUNCER, Cluster, PgBouncer
 
 # Our variables, and the ones that would change the tool's behaviour if the developer's shell
 # happened to set them.
@@ -59,12 +60,30 @@ def server() -> Iterator[Server]:
         cluster.destroy()
 
 
+def skip_outside_ci(reason: str) -> NoReturn:
+    """Skip on a developer's machine; in CI (CI set) the check must run, so fail instead."""
+    if os.environ.get("CI"):
+        pytest.fail(f"would skip in CI: {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture
 def own_cluster(server: Server) -> Cluster:
     """For tests that stop, restart or kill the server: only a cluster the suite started."""
     if server.cluster is None:
-        pytest.skip(f"stops the server: not run against {EXTERNAL_URL_VARIABLE}")
+        skip_outside_ci(f"stops the server: not run against {EXTERNAL_URL_VARIABLE}")
     return server.cluster
+
+
+@pytest.fixture
+def bouncer(own_cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[PgBouncer]:
+    """A real PgBouncer in front of the suite's cluster: `mode` or `(mode, server_round_robin)`."""
+    if not PGBOUNCER.exists():
+        skip_outside_ci(f"no PgBouncer at {PGBOUNCER} (scripts/test installs it when root)")
+    mode, round_robin = (request.param, False) if isinstance(request.param, str) else request.param
+    pooler = PgBouncer(own_cluster, mode, round_robin=round_robin)
+    yield pooler
+    pooler.stop()
 
 
 @pytest.fixture

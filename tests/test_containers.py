@@ -22,7 +22,7 @@ import pytest
 
 from prosaas_migrate.worker_trace import Trace, problems_found
 from tests import project
-from tests.conftest import Server, clean_env, query, version
+from tests.conftest import Server, clean_env, query, skip_outside_ci, version
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = Path(compose.__file__).parent / "docker-compose"  # the static binary, not the wrapper
@@ -300,7 +300,7 @@ def test_demo_reports_a_service_killed_by_a_signal_as_compose_does(
 
 def test_demo_names_the_unix_socket_of_a_socket_url(server: Server) -> None:
     if server.cluster is None:
-        pytest.skip("needs the suite's own cluster, whose socket folder is known")
+        skip_outside_ci("needs the suite's own cluster, whose socket folder is known")
     cluster = server.cluster
     url = f"postgresql://postgres@/postgres?host={cluster.base}&port={cluster.port}"
     result = subprocess.run(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -14,7 +13,7 @@ import pytest
 from prosaas_migrate import config
 from tests import project
 from tests.conftest import Running, Server, applied_revisions, cli, lock_holders, query, version
-from tests.pgcluster import PGBOUNCER, Cluster, PgBouncer
+from tests.pgcluster import Cluster, PgBouncer
 
 SERVICE = ["sh", "-c", "echo service-started"]
 
@@ -65,15 +64,6 @@ def app(tmp_path: Path) -> Path:
 
 
 # -- 2. PgBouncer ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def bouncer(own_cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[PgBouncer]:
-    if not PGBOUNCER.exists():
-        pytest.skip(f"no PgBouncer at {PGBOUNCER} (scripts/test installs it when root)")
-    bouncer = PgBouncer(own_cluster, request.param)
-    yield bouncer
-    bouncer.stop()
 
 
 @pytest.mark.parametrize("bouncer", ["transaction"], indirect=True)

@@ -16,7 +16,7 @@ import pytest
 from prosaas_migrate import config
 from tests import project
 from tests.conftest import Running, applied_revisions, cli, lock_holders, query, version
-from tests.pgcluster import PGBOUNCER, Cluster, PgBouncer
+from tests.pgcluster import PgBouncer
 
 SERVICE = ["sh", "-c", "echo service-started"]
 
@@ -165,16 +165,6 @@ def test_a_broken_revision_file_is_one_line_naming_it(
 
 
 # -- PgBouncer ----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def bouncer(own_cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[PgBouncer]:
-    if not PGBOUNCER.exists():
-        pytest.skip(f"no PgBouncer at {PGBOUNCER} (scripts/test installs it when root)")
-    mode, round_robin = request.param
-    bouncer = PgBouncer(own_cluster, mode, round_robin=round_robin)
-    yield bouncer
-    bouncer.stop()
 
 
 POOLERS = [
