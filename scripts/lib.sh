@@ -63,7 +63,7 @@ wanted = project["dependencies"] + project["optional-dependencies"][sys.argv[1]]
 print(len(wanted), ", ".join(re.split(r"[<>=!~;\s]", w)[0] for w in wanted))
 PY
 )
-  step "installing prosaas-migrate for the $extra into .venv: ${wanted%% *} requirements (${wanted#* }) and what they need"
+  step "installing prosaas-migrate[$extra] into .venv: ${wanted%% *} requirements (${wanted#* }) and what they need"
   local started=$SECONDS report=.venv/.pip-report.json
   .venv/bin/python -m pip install -q --disable-pip-version-check --report "$report" -e ".[$extra]"
   local count
