@@ -184,6 +184,7 @@ def throwaway_cluster() -> Iterator[str | None]:
     cluster: Cluster | None = None
     try:
         own.chmod(0o755)  # the postgres user (when we are root) must reach the cluster's folder
+        say("starting a throwaway PostgreSQL (initdb, then the server: a few seconds)")
         try:
             saved, tempfile.tempdir = tempfile.tempdir, str(own)
             try:

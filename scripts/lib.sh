@@ -35,23 +35,40 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-upgrade "$@" >/dev/null
 }
 
+# ensure_venv EXTRA: .venv with prosaas-migrate (editable) and one extra of pyproject.toml:
+# `demo` (only what scripts/demo.py imports) or `test` (a superset: the test tools as well).
 ensure_venv() {
-  local python="${PYTHON:-python3}"
+  local extra="$1" python="${PYTHON:-python3}"
   if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
     echo "prosaas-migrate needs Python 3.11 or newer; $python is $("$python" --version 2>&1)" >&2
     exit 1
   fi
   if [ ! -x .venv/bin/python ]; then
-    step "creating .venv"
+    step "creating .venv (python -m venv)"
     "$python" -m venv .venv
   fi
-  # A stamp keeps a second run fast; it changes whenever pyproject.toml does.
-  local stamp
-  stamp=.venv/.installed-$(cksum < pyproject.toml | cut -d' ' -f1)
-  if [ ! -f "$stamp" ]; then
-    step "installing prosaas-migrate and its test tools into .venv"
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
-    rm -f .venv/.installed-*
-    touch "$stamp"
+  # A stamp per extra keeps a second run fast; it changes whenever pyproject.toml does. The test
+  # stamp also serves the demo (test includes demo), never the other way round.
+  local sum stamp
+  sum=$(cksum < pyproject.toml | cut -d' ' -f1)
+  stamp=.venv/.installed-$extra-$sum
+  if [ -f "$stamp" ] || { [ "$extra" = demo ] && [ -f ".venv/.installed-test-$sum" ]; }; then
+    return
   fi
+  local wanted
+  wanted=$("$python" - "$extra" <<'PY'
+import re, sys, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+wanted = project["dependencies"] + project["optional-dependencies"][sys.argv[1]]
+print(len(wanted), ", ".join(re.split(r"[<>=!~;\s]", w)[0] for w in wanted))
+PY
+)
+  step "installing prosaas-migrate[$extra] into .venv: ${wanted%% *} requirements (${wanted#* }) and what they need"
+  local started=$SECONDS report=.venv/.pip-report.json
+  .venv/bin/python -m pip install -q --disable-pip-version-check --report "$report" -e ".[$extra]"
+  local count
+  count=$("$python" -c 'import json, sys; print(len(json.load(open(sys.argv[1]))["install"]))' "$report")
+  rm -f "$report" .venv/.installed-*
+  touch "$stamp"
+  step "installed $count packages in $((SECONDS - started)) s"
 }

@@ -370,5 +370,7 @@ def test_demo_starts_its_own_database_and_stops_by_itself() -> None:
         env=clean_env(), capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+    # initdb is said before it runs, so a first start does not look stuck
+    assert result.stdout.startswith("demo | starting a throwaway PostgreSQL (initdb"), result.stdout
     assert "demo | throwaway PostgreSQL on 127.0.0.1:" in result.stdout
     assert "Migrations complete: 3 revision(s) applied, now at 0003" in result.stdout

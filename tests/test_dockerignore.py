@@ -90,8 +90,41 @@ PLANTED = (
     "examples/prosaas-app/.gnupg/private-keys-v1.d/a.key",
     "examples/prosaas-app/.config/gcloud/credentials.db",
     "examples/prosaas-app/.azure/accessTokens.json",
-    "examples/prosaas-app/prod.dump",
     "examples/prosaas-app/local.sqlite3",
+    # dumps and backups by their usual names, wherever the app's folder holds them
+    "examples/prosaas-app/prod.dump",
+    "examples/prosaas-app/prod.dump.gz",
+    "examples/prosaas-app/prod.dmp",
+    "examples/prosaas-app/prod.pgdump",
+    "examples/prosaas-app/prod.backup",
+    "examples/prosaas-app/alembic.ini.bak",
+    "examples/prosaas-app/prod_backup.sql",
+    "examples/prosaas-app/backup.sql",
+    "examples/prosaas-app/backup-2024-06-01.sql",
+    "examples/prosaas-app/dump.sql",
+    "examples/prosaas-app/pg_dump_prod.sql",
+    "examples/prosaas-app/pg_dumpall.out",
+    "examples/prosaas-app/prod.sql.gz",
+    "examples/prosaas-app/prod.sql.bz2",
+    "examples/prosaas-app/prod.sql.xz",
+    "examples/prosaas-app/prod.sql.zst",
+    "examples/prosaas-app/prod.sql.lz4",
+    "examples/prosaas-app/prod.sql.zip",
+    "examples/prosaas-app/prod.sql.7z",
+    "examples/prosaas-app/prod.sql.tgz",
+    "examples/prosaas-app/db_backup.tar.gz",
+    "examples/prosaas-app/nightly-dump.tar",
+    "examples/prosaas-app/backup.zip",
+    "examples/prosaas-app/backups/2024-06-01.sql",
+    "examples/prosaas-app/dumps/prod/toc.dat",  # pg_dump -Fd, a folder
+    "examples/prosaas-app/backup/prod.sql",
+    "examples/prosaas-app/migrations/prod_backup.sql",
+    "examples/prosaas-app/migrations/sql/dump_of_prod.sql",
+    "examples/prosaas-app/migrations/versions/prod.dump",  # beside the revisions: still a dump
+    "examples/prosaas-app/migrations/versions/backup.sql.gz",
+    "examples/prosaas-app/migrations/versions/0001_faqs.py.bak",
+    "prod_backup.sql",
+    "prosaas_migrate/backup.sql.gz",
     "prod.env",
     "credentials",
     "prosaas_migrate/.envrc",
@@ -103,6 +136,16 @@ NEEDED = (
     "wheels/secretstorage-3.3.3-py3-none-any.whl",
     "wheels/keyring-25.6.0-py3-none-any.whl",
     "wheels/psycopg_binary-3.2.3-cp312-cp312-manylinux_2_17_x86_64.whl",
+)
+# Not dumps: the .sql files an app ships with its revisions arrive, even when a revision's message
+# put "backup" or "dump" in its file's name.
+SHIPPED_SQL = (
+    "examples/prosaas-app/migrations/versions/0003_seed.sql",
+    "examples/prosaas-app/migrations/versions/0004_backup_settings.sql",
+    "examples/prosaas-app/migrations/versions/2024/0005_drop_dump_jobs.sql",
+    "examples/prosaas-app/migrations/sql/create_views.sql",
+    "examples/prosaas-app/sql/seed_data.sql",
+    "examples/prosaas-app/migrations/versions/0006_seed.sql.j2",
 )
 
 
@@ -275,6 +318,10 @@ def test_one_pattern(pattern: str, path: str, expected: bool) -> None:
         (["docs", "!docs/README.md"], "docs/README.md", False),
         (["**", "!wheels"], "wheels/a.whl", False),
         (["**", "!wheels", "wheels/*.tmp"], "wheels/a.tmp", True),
+        (["**/*backup*.sql", "!**/versions/**/*.sql"], "a/versions/0004_backup.sql", False),
+        (["**/*backup*.sql", "!**/versions/**/*.sql"], "a/versions/b/0004_backup.sql", False),
+        (["**/*backup*.sql", "!**/versions/**/*.sql"], "a/sql/0004_backup.sql", True),
+        (["**/*.dump", "!**/versions/**/*.sql"], "a/versions/prod.dump", True),
     ],
 )
 def test_exceptions(lines: list[str], path: str, expected: bool) -> None:
@@ -323,6 +370,9 @@ def planted_checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (root / path).write_text("DATABASE_URL=postgresql://prod:s3cret@db/prod\n")
     for path in NEEDED:
         (root / path).write_bytes(b"PK\x03\x04")
+    for path in SHIPPED_SQL:
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text("INSERT INTO faqs (question) VALUES ('hours?');\n")
     return root
 
 
@@ -336,7 +386,7 @@ def test_the_image_gets_exactly_the_tracked_files_of_what_it_copies(
     planted_checkout: Path,
 ) -> None:
     context = context_files(planted_checkout, dockerignore())
-    tracked = set(tracked_files()) | set(NEEDED)
+    tracked = set(tracked_files()) | set(NEEDED) | set(SHIPPED_SQL)
     sources = copy_sources()
     assert sources == [
         "wheels", "pyproject.toml", "README.md", "prosaas_migrate", "entrypoint.sh",
@@ -350,3 +400,4 @@ def test_the_image_gets_exactly_the_tracked_files_of_what_it_copies(
     assert "examples/prosaas-app/alembic.ini" in app
     assert not any(posixpath.basename(p).startswith(".env") for p in app)
     assert set(NEEDED) <= context
+    assert set(SHIPPED_SQL) <= context
