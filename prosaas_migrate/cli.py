@@ -19,6 +19,7 @@ from prosaas_migrate.errors import (
     HeadNotReached,
     Interrupted,
     LockLost,
+    LockTimeout,
     MigrateError,
     MigrationFailed,
     TransactionPooling,
@@ -296,8 +297,8 @@ def _report(exc: MigrateError) -> None:
         logs.migration_failed(exc.revision, exc.cause, exc.rolled_back, exc.committed, exc.partly)
     elif isinstance(exc, LockLost):
         logs.lock_lost(exc.key, exc.reason, exc.consequence)
-    elif not isinstance(exc, HeadNotReached | TransactionPooling | DatabaseAhead):
-        logs.error(str(exc))  # the three above are logged, in full, where they happen
+    elif not isinstance(exc, HeadNotReached | TransactionPooling | DatabaseAhead | LockTimeout):
+        logs.error(str(exc))  # the four above are logged, in full, where they happen
 
 
 def _hostname() -> str:

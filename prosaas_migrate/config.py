@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 LOG_FORMATS = ("text", "json")
 UNKNOWN_REVISION_CHOICES = ("start", "fail")
+LOCK_TIMEOUT_CHOICES = ("skip", "fail")
 MIGRATING_ROLES = frozenset({"api", "prosaas-api"})
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -183,6 +184,14 @@ SETTINGS: tuple[Setting, ...] = (
         "rollback deploy): `start` warns and starts the service, `fail` exits 1",
     ),
     Setting(
+        "MIGRATION_ON_LOCK_TIMEOUT",
+        "skip",
+        partial(parse_choice, choices=LOCK_TIMEOUT_CHOICES),
+        "the lock is still busy when `MIGRATION_LOCK_WAIT_SECONDS` ran out: `skip` logs the "
+        "graceful skip and starts the service (the design note's behaviour), `fail` exits 1 "
+        "without starting it",
+    ),
+    Setting(
         "MIGRATION_LOCK_KEY",
         str(DEFAULT_LOCK_KEY),
         parse_lock_key,
@@ -216,9 +225,9 @@ SETTINGS: tuple[Setting, ...] = (
         "MIGRATION_WAIT_FOR_HEAD_SECONDS",
         "0",
         _seconds,
-        "in a container that does not migrate: wait up to this many whole seconds, read-only "
-        "and without the lock, until the database is at the scripts' head; exit 4 if not; "
-        "`0` = off",
+        "in a container that does not migrate, or one that skipped because the lock stayed "
+        "busy: wait up to this many whole seconds (reading only, without the lock) until the "
+        "database is at the scripts' head; exit 4 if not; `0` = off",
     ),
     Setting(
         "MIGRATION_LOG_FORMAT",
@@ -256,6 +265,7 @@ class Settings:
     ddl_lock_timeout_ms: int = 2000  # lock_timeout of every migration connection; 0 = off
     ddl_lock_retries: int = 10
     unknown_revision: str = "start"  # or "fail"
+    on_lock_timeout: str = "skip"  # or "fail"
 
 
 def load(environ: Mapping[str, str], *, config_option: str | None = None) -> Settings:
@@ -288,6 +298,7 @@ def load(environ: Mapping[str, str], *, config_option: str | None = None) -> Set
         ddl_lock_timeout_ms=_int(environ, "MIGRATION_DDL_LOCK_TIMEOUT"),
         ddl_lock_retries=_int(environ, "MIGRATION_DDL_LOCK_RETRIES"),
         unknown_revision=str(parsed(environ, "MIGRATION_UNKNOWN_REVISION")),
+        on_lock_timeout=str(parsed(environ, "MIGRATION_ON_LOCK_TIMEOUT")),
     )
 
 

@@ -92,7 +92,9 @@ def answering_within(seconds: float) -> Iterator[None]:
 
 def application_name(hostname: str) -> str:
     """The name every connection carries, so a waiting container can say who holds the lock."""
-    return f"prosaas-migrate:{hostname}"
+    from prosaas_migrate.lock import RUNNER_APP_PREFIX
+
+    return f"{RUNNER_APP_PREFIX}{hostname}"
 
 
 def connect(

@@ -25,7 +25,8 @@ class ExitCode(IntEnum):
 EXIT_MEANINGS = {
     ExitCode.OK: "done, no command given",
     ExitCode.MIGRATION_FAILED: "a migration failed, the scripts cannot be loaded, the database "
-    "refused a read (no privilege), or the lock was lost",
+    "refused a read (no privilege), the lock was lost, or it stayed busy with "
+    "`MIGRATION_ON_LOCK_TIMEOUT=fail`",
     ExitCode.USAGE: "configuration or usage error (including a transaction-pooling URL for "
     "migrating)",
     ExitCode.UNREACHABLE: "database unreachable within the wait budget",
@@ -193,6 +194,21 @@ class LockLost(MigrateError):
         self.reason = reason
         self.consequence = consequence
         super().__init__(f"migration lock {key} was lost: {reason}")
+
+
+class LockTimeout(MigrateError):
+    """The lock stayed busy for the whole wait, and MIGRATION_ON_LOCK_TIMEOUT=fail."""
+
+    exit_code = ExitCode.MIGRATION_FAILED
+
+    def __init__(self, waited: float, holder: str | None) -> None:
+        self.waited = waited
+        self.holder = holder
+        held = f"; held by {holder}" if holder else ""
+        super().__init__(
+            f"the migration lock stayed busy for {waited:.0f}s{held}: not starting the "
+            "service (MIGRATION_ON_LOCK_TIMEOUT=fail)"
+        )
 
 
 class DatabaseAhead(MigrateError):

@@ -15,6 +15,9 @@ import psycopg
 from prosaas_migrate import logs
 from prosaas_migrate.errors import Interrupted, LockLost
 
+# Every runner's sessions carry application_name "prosaas-migrate:<hostname>" (database.py).
+RUNNER_APP_PREFIX = "prosaas-migrate:"
+
 # A freed lock is taken within a few hundred ms; the jitter keeps many waiters from polling in step.
 POLL_INTERVAL = (0.05, 0.15)
 
@@ -69,6 +72,13 @@ class Holder:
             "state": self.state,
             "state_seconds": None if self.state_for is None else round(self.state_for, 1),
         }
+
+    @property
+    def is_runner(self) -> bool | None:
+        """Whether this is one of our runners (by its application_name); None: hidden from us."""
+        if self.connected_since is None:
+            return None
+        return (self.application_name or "").startswith(RUNNER_APP_PREFIX)
 
     def describe(self) -> str:
         if self.connected_since is None:

@@ -323,16 +323,44 @@ def lock_acquired(key: int, waited: float) -> None:
     )
 
 
-def lock_timeout(waited: float) -> None:
+def lock_timeout(waited: float, holder: Holder | None = None, *, fail: bool = False) -> None:
+    """The lock stayed busy for the whole wait: the seed's graceful skip when a runner holds it
+    (or when it is a version table or a server that stayed busy), and the plain truth when the
+    holder is no runner of ours, since then nobody is migrating."""
+    outcome = (
+        "not starting the service (MIGRATION_ON_LOCK_TIMEOUT=fail)"
+        if fail
+        else ("skipping migrations")
+    )
+    first = f"MIGRATION CHECKPOINT: Could not acquire lock in time -> {outcome}"
+    lines = [f"❌ {first}" if fail else f"⚠️ {first}"]
+    runner = holder.is_runner if holder else True
+    if runner:
+        lines.append(f"   Waited {waited:.0f}s but another process is running migrations")
+        if not fail:
+            lines.append("   This is SAFE - migrations will run in another container")
+    else:
+        assert holder is not None
+        what = (
+            "which is not a prosaas-migrate runner"
+            if runner is False
+            else "whose application_name this role may not see: it may not be a runner"
+        )
+        lines += [
+            f"   Waited {waited:.0f}s; the lock is held by {holder.describe()}, {what}",
+            "   Migrations did NOT run here, and nothing shows that another container is "
+            "running them",
+            f"   If that session is stale, end it (SELECT pg_terminate_backend({holder.pid})); "
+            "if it uses this key for something else, set MIGRATION_LOCK_KEY",
+        ]
     _emit(
         "lock_timeout",
-        [
-            "⚠️ MIGRATION CHECKPOINT: Could not acquire lock in time -> skipping migrations",
-            f"   Waited {waited:.0f}s but another process is running migrations",
-            "   This is SAFE - migrations will run in another container",
-        ],
-        level="warning",
+        lines,
+        level="error" if fail else "warning",
         waited_seconds=round(waited, 1),
+        holder=holder.as_dict() if holder else None,
+        holder_is_runner=runner,
+        outcome="fail" if fail else "skip",
     )
 
 

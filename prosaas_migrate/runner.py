@@ -23,6 +23,7 @@ from prosaas_migrate.errors import (
     HeadNotReached,
     Interrupted,
     LockLost,
+    LockTimeout,
     MigrationFailed,
     TransactionPooling,
     VersionTableBusy,
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     import psycopg
 
     from prosaas_migrate.conninfo import ConnInfo
+    from prosaas_migrate.lock import Holder
     from prosaas_migrate.migrations import Upgrade
     from prosaas_migrate.monitor import Watch
     from prosaas_migrate.schema import Position, Reader
@@ -67,9 +69,12 @@ def run(
     try:
         # Signals stay ours until the exec itself, so that none lands unreported.
         with interruptible():
-            if settings.run:
-                migrate(settings, hostname=hostname, clock=clock, state=state)
-            else:
+            skipped = settings.run and not migrate(
+                settings, hostname=hostname, clock=clock, state=state
+            )
+            if not settings.run or (skipped and settings.wait_for_head_seconds):
+                # A skip means another session holds the lock: with a wait for head, the
+                # service starts only once that migration has really reached head.
                 wait_for_head(settings, clock=clock)
             return start_service(command)
     except Interrupted as interrupted:
@@ -83,9 +88,12 @@ def migrate(
     hostname: str,
     clock: Callable[[], float],
     state: RunState,
-) -> None:
+) -> bool:
     """Connect, see whether anything is pending, take the lock within the wait budget, upgrade
-    to head and release; or start at once (at head), or skip (lock or version table busy)."""
+    to head and release; or start at once (at head), or skip (lock or version table busy).
+
+    False when it skipped (the lock, the version table or the server stayed busy), else True;
+    with MIGRATION_ON_LOCK_TIMEOUT=fail a skip raises LockTimeout instead."""
     import psycopg
 
     from prosaas_migrate import database
@@ -123,7 +131,7 @@ def migrate(
             with database.answering_within(max(deadline - clock(), 1.0)):
                 position = reader.position(conn, read_ms()) if goal.graph else None
                 if position is not None and _settled(position, settings, locked=False):
-                    return
+                    return True
                 probe = min(max(remaining_ms() / 1000, PROBE_SECONDS[0]), PROBE_SECONDS[1])
                 pooled = database.transaction_pooling(conn, info, timeout=probe)
                 if pooled:
@@ -132,14 +140,13 @@ def migrate(
                 if position is None:
                     position = reader.position(conn, read_ms())
                     if _settled(position, settings, locked=False):
-                        return
+                        return True
         except (VersionTableBusy, database.NoAnswer) as busy:
             if isinstance(busy, VersionTableBusy):
                 logs.version_table_busy(clock() - started, busy.cause)
             else:
                 logs.no_answer(clock() - started)
-            logs.lock_timeout(clock() - started)
-            return
+            return _skip(settings, clock() - started, None)
         except TransactionPooling as refused:
             if refused.variable:
                 raise
@@ -171,10 +178,11 @@ def migrate(
             settings.ddl_lock_timeout, settings.ddl_lock_timeout_ms, settings.ddl_lock_retries
         )
         holding = _acquire(conn, key, started, deadline, clock, connect, session, info)
-        if holding is None:
-            return
+        if isinstance(holding, Skipped):
+            return _skip(settings, clock() - started, holding.holder)  # connecting counts too
         conn = holding
         _under_lock(conn, key, reader, session, settings, clock, state)
+        return True
     except psycopg.errors.QueryCanceled as exc:
         # Not a lost server: a statement_timeout set on the database or role, say.
         raise DatabaseError(
@@ -200,8 +208,9 @@ def _acquire(
     connect: Callable[[], psycopg.Connection[Any]],
     session: dict[str, str],
     info: ConnInfo,
-) -> psycopg.Connection[Any] | None:
-    """Poll for the lock until the deadline; the (possibly new) connection holding it, or None."""
+) -> psycopg.Connection[Any] | Skipped:
+    """Poll for the lock until the deadline; the (possibly new) connection holding it, or
+    Skipped with whoever held it at the end."""
     import psycopg
 
     from prosaas_migrate import database, lock
@@ -218,11 +227,30 @@ def _acquire(
             conn = connect()
             database.set_session(conn, session)
     if not acquired:
+        try:
+            holder = lock.holder(conn, key)  # who is blocking us, now: a runner or not?
+        except psycopg.Error:
+            holder = None
         conn.close()
-        logs.lock_timeout(clock() - started)  # the whole budget: connecting counts too
-        return None
+        return Skipped(holder)
     logs.lock_acquired(key, clock() - waiting_since)
     return conn
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """The lock stayed busy for the whole wait."""
+
+    holder: Holder | None
+
+
+def _skip(settings: Settings, waited: float, holder: Holder | None) -> bool:
+    """Log the skip (or the failure MIGRATION_ON_LOCK_TIMEOUT=fail asks for); False: skipped."""
+    fail = settings.on_lock_timeout == "fail"
+    logs.lock_timeout(waited, holder, fail=fail)
+    if fail:
+        raise LockTimeout(waited, holder.describe() if holder else None)
+    return False
 
 
 def _settled(position: Position, settings: Settings, *, locked: bool) -> bool:

@@ -330,10 +330,21 @@ def test_migration_database_url_wins(app: Path, db_url: str) -> None:
 # -- lock busy -------------------------------------------------------------------------------
 
 
+RUNNER_NAME = "prosaas-migrate:api-2"  # what another container's runner calls its sessions
+
+
 @pytest.fixture
 def holder(db_url: str) -> Iterator[psycopg.Connection[Any]]:
-    """An outside session holding the default lock, as a slow migrator elsewhere would."""
-    with psycopg.connect(db_url, autocommit=True, application_name="other-migrator") as conn:
+    """Another container's runner holding the default lock, as a slow migrator would."""
+    with psycopg.connect(db_url, autocommit=True, application_name=RUNNER_NAME) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", [config.default_lock_key()])
+        yield conn
+
+
+@pytest.fixture
+def psql_holder(db_url: str) -> Iterator[psycopg.Connection[Any]]:
+    """A person's psql session holding the key: no migrator at all."""
+    with psycopg.connect(db_url, autocommit=True, application_name="psql") as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", [config.default_lock_key()])
         yield conn
 
@@ -355,8 +366,71 @@ def test_busy_lock_is_skipped_gracefully_and_the_service_starts(
     assert "   This is SAFE - migrations will run in another container" in proc.lines
     waits = [line for line in proc.lines if "Waiting for migration lock" in line]
     assert len(waits) == 2  # at once, then every 5 s
-    assert all(f"pid {holder.info.backend_pid} (other-migrator, 127.0.0.1)" in w for w in waits)
+    assert all(f"pid {holder.info.backend_pid} ({RUNNER_NAME}, 127.0.0.1)" in w for w in waits)
     assert version(db_url) == []
+
+
+def test_a_holder_that_is_no_runner_is_not_called_safe(
+    app: Path, db_url: str, psql_holder: psycopg.Connection[Any]
+) -> None:
+    pid = psql_holder.info.backend_pid
+    result = cli(["run", "--", *SERVICE], enabled(db_url, MIGRATION_LOCK_WAIT_SECONDS="1"), app)
+    assert result.returncode == 0, result.stderr  # skip is still the default: the service runs
+    assert "service-started" in result.stdout
+    lines = result.stderr.splitlines()
+    first = lines.index(
+        "⚠️ MIGRATION CHECKPOINT: Could not acquire lock in time -> skipping migrations"
+    )
+    said = lines[first + 1 : first + 4]
+    assert said[0].startswith(f"   Waited 1s; the lock is held by pid {pid} (psql, 127.0.0.1)")
+    assert said[0].endswith("which is not a prosaas-migrate runner")
+    assert said[1] == (
+        "   Migrations did NOT run here, and nothing shows that another container is running them"
+    )
+    assert f"SELECT pg_terminate_backend({pid})" in said[2]
+    assert "SAFE" not in result.stderr and "another process is running" not in result.stderr
+    assert version(db_url) == []
+
+
+@pytest.mark.parametrize("holder_kind", ["runner", "psql"])
+def test_on_lock_timeout_fail_exits_1_without_starting(
+    app: Path, db_url: str, holder_kind: str, request: pytest.FixtureRequest
+) -> None:
+    held = request.getfixturevalue("holder" if holder_kind == "runner" else "psql_holder")
+    env = enabled(db_url, MIGRATION_LOCK_WAIT_SECONDS="1", MIGRATION_ON_LOCK_TIMEOUT="FAIL")
+    result = cli(["run", "--", "touch", "started"], env, app)
+    assert result.returncode == 1, result.stderr
+    assert not (app / "started").exists()
+    assert (
+        "❌ MIGRATION CHECKPOINT: Could not acquire lock in time -> not starting the service "
+        "(MIGRATION_ON_LOCK_TIMEOUT=fail)"
+    ) in result.stderr.splitlines()
+    assert f"pid {held.info.backend_pid}" in result.stderr
+    assert "SAFE" not in result.stderr and "Traceback" not in result.stderr
+    assert "Starting service" not in result.stderr
+    assert version(db_url) == []
+
+
+def test_wait_for_head_is_honoured_after_a_skip(
+    app: Path, db_url: str, holder: psycopg.Connection[Any]
+) -> None:
+    """The designated container skipped: with a wait for head it starts only at head, and
+    exits 4 when the holder never gets there."""
+    env = enabled(db_url, MIGRATION_LOCK_WAIT_SECONDS="1", MIGRATION_WAIT_FOR_HEAD_SECONDS="2")
+    result = cli(["run", "--", "touch", "started"], env, app)
+    assert result.returncode == 4, result.stderr
+    assert "Could not acquire lock in time" in result.stderr
+    assert "❌ The schema did not reach r003 within 2s" in result.stderr
+    assert not (app / "started").exists()
+    # Now the holder's migration lands while the skipped container waits for head.
+    proc = Running(["run", "--", *SERVICE], {**env, "MIGRATION_WAIT_FOR_HEAD_SECONDS": "30"}, app)
+    proc.wait_for("Waiting for the schema to reach r003")
+    holder.execute("SELECT pg_advisory_unlock_all()")
+    other = cli(["run"], enabled(db_url, MIGRATION_LOCK_KEY="1"), app)  # another key: not blocked
+    assert other.returncode == 0, other.stderr
+    assert proc.finish() == 0, proc.stderr
+    assert "✅ Schema is at r003" in proc.stderr
+    assert proc.stdout == f"service-started pid={proc.pid}\n"
 
 
 def test_at_head_the_lock_is_not_even_asked_for(

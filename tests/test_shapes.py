@@ -40,7 +40,7 @@ def migrator_holding_the_version_table(app: Path, db_url: str) -> Iterator[None]
     version table (an ALTER TABLE alembic_version ... in its open transaction)."""
     assert cli(["run"], enabled(db_url), app).returncode == 0
     project.write_revisions(app, project.linear(4))
-    with psycopg.connect(db_url, application_name="other-migrator") as other:
+    with psycopg.connect(db_url, application_name="prosaas-migrate:api-2") as other:
         other.execute("SELECT pg_advisory_lock(%s)", [config.DEFAULT_LOCK_KEY])
         other.execute("ALTER TABLE alembic_version ALTER COLUMN version_num TYPE varchar(64)")
         yield
