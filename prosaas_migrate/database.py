@@ -322,13 +322,13 @@ def _probe_round(
     """(why it is not a session, or None; whether `other` had to be abandoned)."""
     import threading
 
-    conn.execute("BEGIN")
+    conn.execute("BEGIN READ ONLY")  # nothing to write: status probes too
     before = _backend_pid(conn)
     failure: list[BaseException] = []
 
     def second_client() -> None:
         try:
-            other.execute("BEGIN")
+            other.execute("BEGIN READ ONLY")
             _backend_pid(other)
         except BaseException as exc:
             failure.append(exc)

@@ -294,7 +294,10 @@ def upgrade(
                 script.run_env()
         tracker.finish()
     except (Exception, SystemExit) as exc:
-        raise MigrationFailed(done.running, describe(exc, info), original=exc) from exc
+        cause = describe(exc, info)
+        if line := _project_line(exc, script.dir):
+            cause += f" (at {line})"  # a Python error in a revision, or the statement's call
+        raise MigrationFailed(done.running, cause, original=exc) from exc
     finally:
         cfg.attributes.pop("connection", None)
 
@@ -351,6 +354,12 @@ def _where(exc: BaseException, script_dir: str) -> str:
         found = sorted(Path(script_dir).rglob(named.group(1)))
         if found:
             return os.path.relpath(found[0])
+    return _project_line(exc, script_dir) or os.path.relpath(script_dir)
+
+
+def _project_line(exc: BaseException, script_dir: str) -> str | None:
+    """file:line of the innermost frame of the project's scripts (a revision, env.py) that the
+    error passed through, or None."""
     root = os.path.abspath(script_dir)
     frames = [
         frame
@@ -359,4 +368,4 @@ def _where(exc: BaseException, script_dir: str) -> str:
     ]
     if frames:
         return f"{os.path.relpath(frames[-1].filename)}:{frames[-1].lineno}"
-    return os.path.relpath(script_dir)
+    return None

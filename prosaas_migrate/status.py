@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from prosaas_migrate.schema import Reader
 
 READ_TIMEOUT_MS = 5000  # a report must never hang on a busy server
+POOLER_PROBE_SECONDS = 2.0  # the pooler probe's wait for a second server session
 
 
 def gather(
@@ -171,6 +172,7 @@ def _database(
         "url": None,
         "url_source": None,
         "server_version": None,
+        "pooler": None,
         "error": None,
     }
     try:
@@ -200,7 +202,22 @@ def _database(
         section["error"] = database.one_line(exc, info)
         return section, None
     section.update(reachable=True, server_version=str(row[0]) if row else None)
+    section["pooler"] = _pooler(conn, info)
     return section, conn
+
+
+def _pooler(conn: Any, info: Any) -> str | None:
+    """Why `run` would refuse to migrate through this URL's pooler, or None. The probe opens
+    two empty transactions on a read-only session and leaves nothing on any server session."""
+    import psycopg
+
+    from prosaas_migrate import database
+
+    try:
+        with database.answering_within(POOLER_PROBE_SECONDS + 2):
+            return database.transaction_pooling(conn, info, timeout=POOLER_PROBE_SECONDS)
+    except (psycopg.Error, database.NoAnswer) as exc:
+        return f"could not tell whether a pooler keeps sessions ({database.one_line(exc, info)})"
 
 
 def _revisions(conn: Any, reader: Reader | None) -> tuple[dict[str, Any], Any]:
@@ -364,6 +381,14 @@ def render_text(report: Mapping[str, Any], *, style: Callable[..., str]) -> str:
     row("reachable", ok("yes") if db["reachable"] else bad(f"no: {db['error']}"))
     if db["server_version"]:
         row("server version", db["server_version"])
+    if db["pooler"]:
+        row(
+            "pooler",
+            warn(
+                f"{db['pooler']}: run refuses to migrate through it (exit 2); set "
+                "MIGRATION_DATABASE_URL to a direct connection"
+            ),
+        )
 
     revisions = report["revisions"]
     heading("Revisions")

@@ -484,11 +484,19 @@ def test_a_failing_revision_is_rolled_back_and_the_service_not_started(
     assert result.returncode == 1, result.stderr
     failed = [line for line in result.stderr.splitlines() if "MIGRATION FAILED" in line]
     assert len(failed) == 1 and "revision r002" in failed[0] and error in failed[0]
+    # The line of the revision it came from: the raise, or the op.execute of the statement.
+    line = next(n for n, text in enumerate(revision_source(tmp_path, "r002"), 1)
+                if "raise ValueError" in text or "pg_sleep" in text)  # fmt: skip
+    assert failed[0].endswith(f"(at migrations/versions/r002.py:{line})"), failed[0]
     assert "Traceback" not in result.stderr
     assert "✅ Released migration lock" in result.stderr
     assert not (tmp_path / "started").exists()
     assert version(db_url) == [] and applied_revisions(db_url) == []
     assert not query(db_url, "SELECT 1 FROM pg_locks WHERE locktype = 'advisory'")
+
+
+def revision_source(root: Path, revision: str) -> list[str]:
+    return (root / "migrations" / "versions" / f"{revision}.py").read_text().splitlines()
 
 
 def test_sigkill_mid_migration_leaves_nothing_half_applied(tmp_path: Path, db_url: str) -> None:

@@ -15,7 +15,7 @@ import pytest
 from prosaas_migrate import config
 from tests import project
 from tests.conftest import clean_env, cli, on_a_terminal, query, version
-from tests.pgcluster import Cluster, free_port
+from tests.pgcluster import Cluster, PgBouncer, free_port
 
 
 @pytest.fixture
@@ -145,7 +145,7 @@ JSON_FIELDS = {
     "configuration.run": {"migrate", "decided_by", "value", "error"},
     "configuration.settings[]": {"name", "value", "source", "error", "note", "meaning"},
     "alembic": {"config", "config_source", "script_location", "fast_path", "error"},
-    "database": {"reachable", "url", "url_source", "server_version", "error"},
+    "database": {"reachable", "url", "url_source", "server_version", "pooler", "error"},
     "revisions": {"current", "heads", "pending", "at_head", "unknown", "error"},
     "revisions.pending[]": {"revision", "message"},
     "lock": {"key", "key_source", "held", "holder", "error"},
@@ -299,3 +299,26 @@ def test_the_lock_key_is_a_string_in_json(app: Path, db_url: str) -> None:
     assert report["lock"]["key"] == str(config.DEFAULT_LOCK_KEY)
     _, report = as_json(app, {"DATABASE_URL": db_url, "MIGRATION_LOCK_KEY": "-9"})
     assert report["lock"]["key"] == "-9"
+
+
+@pytest.mark.parametrize("bouncer", ["transaction", "session"], indirect=True)
+def test_status_warns_of_a_pooler_that_run_refuses(
+    app: Path, db_url: str, bouncer: PgBouncer
+) -> None:
+    url = bouncer.url(db_url.rsplit("/", 1)[1])
+    code, report = as_json(app, {"DATABASE_URL": url}, "--check")
+    assert report["database"]["reachable"], report["database"]
+    assert code == 1  # pending: the report goes on, the warning does not hide the schema
+    result = status(app, {"DATABASE_URL": url})
+    if "transaction" in bouncer.base.name:
+        assert "different server sessions" in report["database"]["pooler"]
+        assert re.search(r"^ +pooler .*run refuses to migrate through it \(exit 2\)",
+                         result.stdout, re.MULTILINE)  # fmt: skip
+        assert "MIGRATION_DATABASE_URL" in result.stdout
+        # What status says is what run does.
+        refused = cli(["run"], {"RUN_MIGRATIONS": "1", "DATABASE_URL": url}, app)
+        assert refused.returncode == 2, refused.stderr
+    else:
+        assert report["database"]["pooler"] is None
+        assert not re.search(r"^ +pooler ", result.stdout, re.MULTILINE)
+    assert version(db_url) == []
