@@ -140,6 +140,8 @@ def read_secret_file(variable: str, path: str) -> str:
     def refuse(reason: str) -> ConfigError:
         return ConfigError(variable, path, f"{_SECRET_FILE_GRAMMAR} (here: {reason})")
 
+    if "\0" in path:  # no file has such a name (os.open would raise ValueError)
+        raise refuse("a NUL character in the path")
     try:
         # O_NONBLOCK: a FIFO or a device must not hang the start; fstat then refuses them.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
