@@ -182,6 +182,7 @@ def test_database_url_precedence(
         ({"DATABASE_URL": "postgresql+asyncpg://h/db"}, None, "DATABASE_URL"),
         ({"MIGRATION_DATABASE_URL": "localhost:5432"}, None, "MIGRATION_DATABASE_URL"),
         ({"DATABASE_URL": "postgresql://h:port/db"}, None, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgresql://u:secret%80@h/db"}, None, "DATABASE_URL"),  # not UTF-8
     ],
 )
 def test_unusable_database_url(environ: dict[str, str], ini_url: str | None, variable: str) -> None:
