@@ -16,6 +16,17 @@ RUN python3 -m venv /opt/venv \
         --find-links /wheels "$@" .
 
 FROM ${BASE_IMAGE}
+# tini, for runtimes with no init of their own (Kubernetes): ENTRYPOINT ["/usr/bin/tini", "--",
+# "/entrypoint.sh"] forwards signals and reaps zombies (docs/kubernetes.md). Installed only when
+# the base lacks it: the offline build's base has it already, and cannot reach a mirror.
+# Unpinned on purpose: the base image's Debian release decides which tini there is.
+# hadolint ignore=DL3008
+RUN if ! command -v tini >/dev/null; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends tini \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
+    && test -x /usr/bin/tini
 RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin app
 COPY --from=build /opt/venv /opt/venv
 COPY entrypoint.sh /entrypoint.sh

@@ -6,13 +6,15 @@ Every variable is one row of SETTINGS (name, default, parser, meaning): load(), 
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
-from prosaas_migrate.errors import ConfigError
+from prosaas_migrate.errors import BothSet, ConfigError
 
 if TYPE_CHECKING:
     from prosaas_migrate.conninfo import ConnInfo
@@ -116,6 +118,65 @@ def parse_url(variable: str, value: str) -> ConnInfo:
     return conninfo.parse(variable, value)
 
 
+def parse_url_file(variable: str, value: str) -> ConnInfo:
+    """The connection string in the file `value` names, judged as the variable's own would be."""
+    return parse_url(file_source(variable, value), read_secret_file(variable, value))
+
+
+FILE_SUFFIX = "_FILE"
+SECRET_FILE_LIMIT = 64 * 1024  # a connection string is a line; anything longer is another file
+_SECRET_FILE_GRAMMAR = (
+    "the path of a readable, non-empty file holding the connection string (a mounted secret)"
+)
+
+
+def read_secret_file(variable: str, path: str) -> str:
+    """The text of the file that `variable` names (a Docker or Kubernetes secret), without the
+    newline and blanks around it. The one place the tool reads a file the environment names.
+
+    ConfigError names the variable, the path and why; never a byte of what the file holds.
+    """
+    path = path.strip()
+
+    def refuse(reason: str) -> ConfigError:
+        return ConfigError(variable, path, f"{_SECRET_FILE_GRAMMAR} (here: {reason})")
+
+    if "\0" in path:  # no file has such a name (os.open would raise ValueError)
+        raise refuse("a NUL character in the path")
+    try:
+        # O_NONBLOCK: a FIFO or a device must not hang the start; fstat then refuses them.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise refuse(exc.strerror or type(exc).__name__) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise refuse("a directory")
+        if not stat.S_ISREG(mode):
+            raise refuse("not a regular file")
+        data = b""
+        while len(data) <= SECRET_FILE_LIMIT and (chunk := os.read(fd, 8192)):
+            data += chunk
+    except OSError as exc:
+        raise refuse(exc.strerror or type(exc).__name__) from None
+    finally:
+        os.close(fd)
+    if len(data) > SECRET_FILE_LIMIT:
+        raise refuse(f"larger than {SECRET_FILE_LIMIT // 1024} KiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise refuse("not UTF-8 text") from None
+    if not text.strip():
+        raise refuse("empty")
+    return text.strip()
+
+
+def file_source(variable: str, path: str) -> str:
+    """How a value read from a file is named in reports: `DATABASE_URL_FILE=/run/secrets/x`."""
+    return f"{variable}={path.strip()}"
+
+
 @dataclass(frozen=True)
 class Setting:
     """One environment variable: its default as a user would write it, its parser, its meaning."""
@@ -216,6 +277,20 @@ SETTINGS: tuple[Setting, ...] = (
         secret=True,
     ),
     Setting(
+        "DATABASE_URL_FILE",
+        None,
+        parse_url_file,
+        "the path of a file holding `DATABASE_URL`'s value (a Docker or Kubernetes secret, "
+        "`/run/secrets/...`), read in its place; blanks and the newline around it are dropped; "
+        "setting both is an error",
+    ),
+    Setting(
+        "MIGRATION_DATABASE_URL_FILE",
+        None,
+        parse_url_file,
+        "the same for `MIGRATION_DATABASE_URL`",
+    ),
+    Setting(
         "ALEMBIC_CONFIG",
         "alembic.ini",
         parse_text,
@@ -240,6 +315,8 @@ BY_NAME = {setting.name: setting for setting in SETTINGS}
 KNOWN_VARIABLES = tuple(BY_NAME)
 RUN_VARIABLES = ("RUN_MIGRATIONS", "RUN_MIGRATIONS_ON_START")
 URL_VARIABLES = ("MIGRATION_DATABASE_URL", "DATABASE_URL")  # highest precedence first
+# Each with its _FILE twin, which stands in for it: in precedence order, twins side by side.
+URL_SETTINGS = tuple(name + suffix for name in URL_VARIABLES for suffix in ("", FILE_SUFFIX))
 _OUR_PREFIXES = ("MIGRATION_", "RUN_MIGRATION")
 
 
@@ -256,7 +333,7 @@ class Settings:
     lock_key: int | None  # None: derived from the version table's name
     lock_key_source: str  # "MIGRATION_LOCK_KEY" or "default"
     database_url: str | None  # as set; checked only when migrating (the app may use another driver)
-    database_url_source: str | None  # the variable it came from
+    database_url_source: str | None  # the variable it came from; `VARIABLE_FILE=path` for a file
     alembic_config: str
     alembic_config_source: str  # "--config", "ALEMBIC_CONFIG" or "default"
     wait_for_head_seconds: int = 0  # 0 = do not wait
@@ -347,10 +424,14 @@ def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str]]:
 def problems(environ: Mapping[str, str]) -> dict[str, ConfigError]:
     """Every bad variable at once (URLs included), for a report; load() stops at the first."""
     found: dict[str, ConfigError] = {}
+    for both in both_set(environ):
+        found[both.variable] = both  # under the _FILE name: its row says why
     url_in_use = url_variable(environ)
     for setting in SETTINGS:
         text = value_of(environ, setting.name)
-        if text is None or (setting.name in URL_VARIABLES and setting.name != url_in_use):
+        if text is None or setting.name in found:
+            continue
+        if setting.name in URL_SETTINGS and setting.name != url_in_use:
             continue  # a URL that MIGRATION_DATABASE_URL overrides is the app's business
         try:
             setting.parse(setting.name, text)
@@ -393,7 +474,12 @@ def migration_conninfo(settings: Settings, ini_url: str | None) -> ConnInfo:
     if settings.database_url is not None and settings.database_url_source is not None:
         return conninfo.parse(settings.database_url_source, settings.database_url)
     if ini_url is None or not ini_url.strip():
-        raise ConfigError("DATABASE_URL", None, f"{conninfo.GRAMMAR} (or MIGRATION_DATABASE_URL)")
+        raise ConfigError(
+            "DATABASE_URL",
+            None,
+            f"{conninfo.GRAMMAR} (or DATABASE_URL_FILE, the path of a file holding one; "
+            "MIGRATION_DATABASE_URL or MIGRATION_DATABASE_URL_FILE wins over both)",
+        )
     scheme = conninfo.split_scheme(ini_url.strip())[0].lower()
     if scheme not in conninfo.URL_SCHEMES:
         # Most often the driver://user:pass@localhost/dbname placeholder from `alembic init`.
@@ -407,13 +493,36 @@ def migration_conninfo(settings: Settings, ini_url: str | None) -> ConnInfo:
 
 
 def url_variable(environ: Mapping[str, str]) -> str | None:
-    """The URL variable `run` migrates with (MIGRATION_DATABASE_URL > DATABASE_URL), if set."""
-    return next((name for name in URL_VARIABLES if value_of(environ, name) is not None), None)
+    """The URL variable `run` migrates with, if set: MIGRATION_DATABASE_URL(_FILE) >
+    DATABASE_URL(_FILE); of a variable and its _FILE twin both set (an error), the twin."""
+    for name in URL_VARIABLES:
+        for candidate in (name + FILE_SUFFIX, name):
+            if value_of(environ, candidate) is not None:
+                return candidate
+    return None
+
+
+def both_set(environ: Mapping[str, str]) -> list[BothSet]:
+    """Each URL variable set together with its _FILE twin: neither can be said to win."""
+    return [
+        BothSet(name, name + FILE_SUFFIX)
+        for name in URL_VARIABLES
+        if value_of(environ, name) is not None and value_of(environ, name + FILE_SUFFIX) is not None
+    ]
 
 
 def _database_url(environ: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """(where the URL to migrate with came from, its text); a _FILE variable's file is read."""
+    for conflict in both_set(environ):
+        raise conflict
     variable = url_variable(environ)
-    return variable, None if variable is None else value_of(environ, variable)
+    if variable is None:
+        return None, None
+    value = value_of(environ, variable)
+    assert value is not None
+    if variable.endswith(FILE_SUFFIX):
+        return file_source(variable, value), read_secret_file(variable, value)
+    return variable, value
 
 
 def value_of(environ: Mapping[str, str], variable: str) -> str | None:

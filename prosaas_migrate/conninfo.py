@@ -59,6 +59,10 @@ def parse(variable: str, value: str) -> ConnInfo:
         raise ConfigError(
             variable, redact(text), f"{GRAMMAR} ({_scrub_parse_error(exc)})"
         ) from None
+    except UnicodeDecodeError:  # psycopg decodes what libpq read: %80 is not UTF-8
+        raise ConfigError(
+            variable, redact(text), f"{GRAMMAR} (a %-encoded byte that is not UTF-8 text)"
+        ) from None
     problem = _connect_time_problem(params)
     if problem:
         raise ConfigError(variable, redact(text), f"{GRAMMAR} ({problem})")

@@ -79,6 +79,20 @@ class ConfigError(MigrateError):
         super().__init__(f"{variable}: {shown}; expected {expected}")
 
 
+class BothSet(ConfigError):
+    """A variable and its `_FILE` twin are both set: which one is meant cannot be told."""
+
+    def __init__(self, variable: str, file_variable: str) -> None:
+        self.variable = file_variable
+        self.value = None
+        self.expected = f"{variable} or {file_variable}, not both"
+        MigrateError.__init__(
+            self,
+            f"{variable} and {file_variable} are both set; set only one of them "
+            f"({file_variable} is the path of a file holding {variable}'s value)",
+        )
+
+
 class DotenvUnreadable(MigrateError):
     """The .env file exists but cannot be read."""
 

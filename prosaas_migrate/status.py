@@ -89,9 +89,10 @@ def _configuration(
             value = conninfo.redact(value)
         note = None
         if (
-            setting.name in config.URL_VARIABLES
+            setting.name in config.URL_SETTINGS
             and value is not None
-            and setting.name != url_in_use
+            and url_in_use is not None
+            and _twin_base(setting.name) != _twin_base(url_in_use)
         ):
             note = f"not used for migrating: {url_in_use} wins"
         error = bad.get(setting.name)
@@ -120,6 +121,11 @@ def _configuration(
         "dotenv_error": dotenv_error,
         "errors": errors,
     }
+
+
+def _twin_base(name: str) -> str:
+    """DATABASE_URL for DATABASE_URL_FILE: a variable and its _FILE twin are one setting."""
+    return name.removesuffix(config.FILE_SUFFIX)
 
 
 def _alembic(
@@ -184,7 +190,7 @@ def _database(
         section["error"] = f"not checked: {exc}"
         return section, None
     section["url"] = info.display
-    section["url_source"] = in_use or "sqlalchemy.url"
+    section["url_source"] = settings.database_url_source or "sqlalchemy.url"
     import psycopg
 
     from prosaas_migrate import database

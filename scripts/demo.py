@@ -60,6 +60,9 @@ if TYPE_CHECKING:
 
 APP_DIR = ROOT / "examples" / "prosaas-app"  # the image's WORKDIR /app
 URL_VARIABLES = ("DATABASE_URL", "MIGRATION_DATABASE_URL")
+# Their _FILE twins name a file holding the URL: compose mounts a secret there (/run/secrets/...);
+# the demo writes its own URL into a file of its own and points them at that.
+URL_FILE_VARIABLES = tuple(f"{name}_FILE" for name in URL_VARIABLES)
 STOP_TIMEOUT = 10.0  # like `docker compose stop`: SIGTERM, then SIGKILL after this
 INTERRUPTED = 130
 
@@ -145,14 +148,20 @@ def _environment(where: str, name: str, body: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def app_services(services: list[Service], replicas: int, database_url: str) -> list[Service]:
-    """Each service pointed at our PostgreSQL, the one that migrates in `replicas` copies."""
+def app_services(
+    services: list[Service], replicas: int, database_url: str, url_file: Path
+) -> list[Service]:
+    """Each service pointed at our PostgreSQL, the one that migrates in `replicas` copies: a URL
+    variable gets our URL, a _FILE variable the path of `url_file`, which holds it."""
     started = []
     for service in services:
         environment = dict(service.environment)
         for variable in URL_VARIABLES:
             if variable in environment:
                 environment[variable] = database_url
+        for variable in URL_FILE_VARIABLES:
+            if variable in environment:
+                environment[variable] = str(url_file)
         count = replicas if environment.get("RUN_MIGRATIONS") == "1" else 1
         for index in range(1, count + 1):
             env = dict(environment)
@@ -166,6 +175,18 @@ def exit_status(returncode: int) -> int:
     """The exit code as compose and a shell report it: 128+N for a process killed by signal N
     (Popen says -N)."""
     return 128 - returncode if returncode < 0 else returncode
+
+
+@contextmanager
+def secret_file(text: str) -> Iterator[Path]:
+    """`text` in a file only we may read, as a mounted secret would hold it; removed at the end."""
+    folder = Path(tempfile.mkdtemp(prefix="prosaas-demo-secrets-"))  # 0700
+    path = folder / "database_url"
+    try:
+        path.write_text(text + "\n")  # secrets files end with a newline; it is dropped
+        yield path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # --- the database -----------------------------------------------------------------------------
@@ -303,8 +324,12 @@ class Demo:
 
     def start(self) -> None:
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        # A URL in this shell must not stand in for, or clash with, the service's own.
+        shell = {
+            k: v for k, v in os.environ.items() if k not in (*URL_VARIABLES, *URL_FILE_VARIABLES)
+        }
         for service in self.services:
-            env = {**os.environ, **service.environment, "PATH": path, "PYTHONUNBUFFERED": "1"}
+            env = {**shell, **service.environment, "PATH": path, "PYTHONUNBUFFERED": "1"}
             proc = subprocess.Popen(
                 [str(ROOT / "entrypoint.sh"), *service.command],
                 cwd=APP_DIR,
@@ -417,7 +442,8 @@ def main() -> int:
         if url is None or INTERRUPTS.stop.is_set():
             say("interrupted before the services started")
             return INTERRUPTED
-        demo = Demo(app_services(services, args.replicas, url))
+        url_file = cleanup.enter_context(secret_file(url))
+        demo = Demo(app_services(services, args.replicas, url, url_file))
         cleanup.callback(demo.stop)  # also when something below fails
         demo.start()
         demo.supervise(abort_on_exit=args.abort_on_container_exit, exit_after=args.exit_after)

@@ -6,15 +6,22 @@ No registry is reachable here, so it builds everything locally: a Debian base im
 debootstrap (its tarball cached in CACHE_DIR between runs), the project's wheels copied into the
 build context, `docker build --network none`. It starts its own dockerd and a throwaway
 PostgreSQL on the host, runs the three app services of docker-compose.yml with an override that
-puts them on the host network, and checks: exactly one container migrated, the schema is at head,
-worker and prosaas-calls never touched the lock, each service is the process tini started (the
-entrypoint and prosaas-migrate exec'd into it), and nothing is left after `compose down`.
-Where no engine can be started it says why and fails.
+puts them on the host network and points the compose secrets at files holding that server's URL,
+and checks: the image ships tini and its documented ENTRYPOINT form works; exactly one container
+migrated, the schema is at head, worker and prosaas-calls never touched the lock; every
+container read its URL from /run/secrets/database_url and none has a URL in its environment;
+each service is the process tini started (the entrypoint and prosaas-migrate exec'd into it);
+a rollback deploy starts; a deploy whose new revision fails leaves the api Exited (1) after its
+restart policy's 5 retries, the README's recovery commands (`compose run --rm --entrypoint
+prosaas-migrate prosaas-api status`, `... lint`) report it without running the migration (here
+with `--no-deps`: the host's PostgreSQL stands in for db), and the fixed image migrates to head;
+nothing is left after `compose down`. Where no engine can be started it says why and fails.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -35,11 +42,17 @@ from tests.pgcluster import Cluster, free_port
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_BINARY = Path(compose.__file__).parent / "docker-compose"
 CACHE_DIR = Path(os.environ.get("PROSAAS_SMOKE_CACHE", "/var/cache/prosaas-migrate"))
-BASE_TAR = CACHE_DIR / "debian-bookworm-python3.tar"
+# What the base holds beyond minbase; the cache key, so a base cached without one is rebuilt.
+BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates", "tini")
+BASE_KEY = hashlib.sha256(",".join(BASE_PACKAGES).encode()).hexdigest()[:8]
+BASE_TAR = CACHE_DIR / f"debian-bookworm-{BASE_KEY}.tar"
 BASE_IMAGE = "local/debian-python:bookworm"
 IMAGE = "prosaas-migrate-example:latest"  # as docker-compose.yml names it
 PROJECT = "prosaas-smoke"
 APP_SERVICES = ("prosaas-api", "worker", "prosaas-calls")
+# The README's recovery after a failed migration: `docker compose` + this + `status` or `lint`
+# (tests/test_readme.py holds the README to it).
+RECOVERY = ("run", "--rm", "--entrypoint", "prosaas-migrate", "prosaas-api")
 CONTEXT_FILES = (
     "Dockerfile", ".dockerignore", "entrypoint.sh", "pyproject.toml", "README.md",
     "prosaas_migrate", "examples",
@@ -154,7 +167,7 @@ def ensure_base_image(engine: Engine, work: Path) -> None:
         rootfs = work / "rootfs"
         say(f"debootstrap bookworm from {debian_mirror()} (once; cached in {BASE_TAR})")
         run([
-            "debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
+            "debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
             "bookworm", str(rootfs), debian_mirror(),
         ], timeout=900)  # fmt: skip
         for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
@@ -191,14 +204,28 @@ def build_image(engine: Engine, work: Path) -> None:
     )  # fmt: skip
 
 
-def write_override(work: Path, database_url: str, api_port: int) -> Path:
-    """Host networking (a bridge's private addresses are off limits here), our PostgreSQL."""
-    override: dict[str, Any] = {"services": {}}
+def write_secrets(work: Path, database_url: str) -> Path:
+    """Our PostgreSQL's URL where the compose secrets come from, as scripts/secrets lays them
+    out: files 0644 (the containers read them as uid 10001) in a folder only root may enter."""
+    folder = work / "secrets"
+    folder.mkdir(mode=0o700)
+    for name, text in (("database_url", database_url), ("postgres_password", "unused")):
+        (folder / name).write_text(text + "\n")  # secret files end with a newline
+        (folder / name).chmod(0o644)
+    return folder
+
+
+def write_override(work: Path, secrets: Path, api_port: int) -> Path:
+    """Host networking (a bridge's private addresses are off limits here), our PostgreSQL's URL
+    in the secret files; the services keep their DATABASE_URL_FILE."""
+    override: dict[str, Any] = {
+        "services": {},
+        "secrets": {
+            name: {"file": str(secrets / name)} for name in ("database_url", "postgres_password")
+        },
+    }
     for name in APP_SERVICES:
-        service: dict[str, Any] = {
-            "network_mode": "host",
-            "environment": {"DATABASE_URL": database_url},
-        }
+        service: dict[str, Any] = {"network_mode": "host", "environment": {}}
         if name == "prosaas-api":
             service["environment"]["PORT"] = str(api_port)
             service["ports"] = "!reset"
@@ -211,15 +238,23 @@ def write_override(work: Path, database_url: str, api_port: int) -> Path:
 
 
 class Compose:
-    def __init__(self, engine: Engine, override: Path) -> None:
+    def __init__(self, engine: Engine, *overrides: Path) -> None:
         self.base = [
             str(COMPOSE_BINARY), "--ansi", "never", "-p", PROJECT,
-            "-f", str(ROOT / "docker-compose.yml"), "-f", str(override),
+            "-f", str(ROOT / "docker-compose.yml"),
+            *(arg for override in overrides for arg in ("-f", str(override))),
         ]  # fmt: skip
         self.env = engine.env
 
     def __call__(self, *args: str, timeout: float = 300) -> str:
         return run([*self.base, *args], env=self.env, timeout=timeout)
+
+    def exits(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """Run it and hand back whatever it exits with, for the commands meant to fail."""
+        return subprocess.run(
+            [*self.base, *args], env=self.env, capture_output=True, text=True, timeout=timeout,
+            check=False,
+        )  # fmt: skip
 
     def containers(self) -> list[dict[str, Any]]:
         out = self("ps", "-a", "--format", "json")
@@ -271,6 +306,41 @@ def processes(engine: Engine, container: str) -> list[tuple[int, int, str]]:
     return [(int(pid), int(ppid), str(cmd)) for pid, ppid, cmd in json.loads(out)]
 
 
+def check_tini(engine: Engine) -> None:
+    """The image ships tini, and docs/kubernetes.md's ENTRYPOINT form runs through it."""
+    tini = ["run", "--rm", "--network", "none", "--entrypoint", "/usr/bin/tini", IMAGE, "--"]
+    engine.docker(*tini, "/entrypoint.sh", "true")  # exits 0, or run() raises
+    parent = engine.docker(
+        *tini, "/entrypoint.sh", "python", "-c", "import os; print(os.getppid())"
+    )
+    if parent.strip() != "1":
+        raise SmokeFailure(f"the service's parent is {parent.strip()}, not tini as PID 1")
+    failed = subprocess.run(
+        ["docker", *tini, "/entrypoint.sh", "sh", "-c", "exit 3"], env=engine.env,
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    if failed.returncode != 3:
+        raise SmokeFailure(f"tini did not pass the service's exit code 3 on: {failed.returncode}")
+    say("image: /usr/bin/tini -- /entrypoint.sh runs the service as tini's child, exit codes pass")
+
+
+def check_secrets(engine: Engine, compose_: Compose, logs: dict[str, str], url: str) -> None:
+    """Each container read its URL from the mounted secret; none holds it in its environment."""
+    ids = {row["Service"]: row["ID"] for row in compose_.containers()}
+    for name in APP_SERVICES:
+        if "database URL: DATABASE_URL_FILE=/run/secrets/database_url" not in logs[name]:
+            raise SmokeFailure(f"{name} did not read /run/secrets/database_url:\n{logs[name]}")
+        env = json.loads(engine.docker("inspect", "--format", "{{json .Config.Env}}", ids[name]))
+        if "DATABASE_URL_FILE=/run/secrets/database_url" not in env or any(
+            url in item or item.startswith("DATABASE_URL=") for item in env
+        ):
+            raise SmokeFailure(f"{name}: the URL is in the environment, or the file is not: {env}")
+        mounted = engine.docker("exec", ids[name], "cat", "/run/secrets/database_url")
+        if mounted.strip() != url:
+            raise SmokeFailure(f"{name}: /run/secrets/database_url does not hold the secret file")
+    say("every container read its URL from /run/secrets/database_url; none has it in its env")
+
+
 def check(engine: Engine, compose_: Compose, database_url: str) -> None:
     logs = {name: compose_.logs(name) for name in APP_SERVICES}
     migrated = [n for n, text in logs.items() if "Migrations complete: 3 revision(s)" in text]
@@ -284,6 +354,7 @@ def check(engine: Engine, compose_: Compose, database_url: str) -> None:
     if row != ("0003",):
         raise SmokeFailure(f"schema not at head: {row}")
     say("one migrator, schema at head 0003, worker and calls never touched the lock")
+    check_secrets(engine, compose_, logs, database_url)
 
     ids = {row["Service"]: row["ID"] for row in compose_.containers()}
     for name in APP_SERVICES:
@@ -322,6 +393,119 @@ def rollback(compose_: Compose, database_url: str) -> None:
     say("rollback deploy (database at 0004, image at 0003): all three services started")
 
 
+# A new revision that fails on every database (the column does not exist), then its fix. The
+# index without CONCURRENTLY is also what `lint` reports.
+BROKEN_REVISION = '''"""index leads by score
+
+Revision ID: 0004
+Revises: 0003
+"""
+
+from alembic import op
+
+revision = "0004"
+down_revision = "0003"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_index("ix_leads_score", "leads", ["score"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_leads_score", "leads")
+'''
+FIXED_REVISION = (
+    BROKEN_REVISION.replace(
+        'op.create_index("ix_leads_score", "leads", ["score"])',
+        'op.add_column("leads", sa.Column("score", sa.Integer()))',
+    )
+    .replace("from alembic import op", "import sqlalchemy as sa\nfrom alembic import op")
+    .replace('op.drop_index("ix_leads_score", "leads")', 'op.drop_column("leads", "score")')
+)
+
+
+def build_release(engine: Engine, work: Path, tag: str, revision: str) -> Path:
+    """The image with one more revision, and the override that deploys it."""
+    context = work / f"release-{tag}"
+    context.mkdir()
+    (context / "0004_leads_score.py").write_text(revision)
+    (context / "Dockerfile").write_text(
+        f"FROM {IMAGE}\nCOPY 0004_leads_score.py /app/migrations/versions/\n"
+    )
+    image = IMAGE.replace(":latest", f":{tag}")
+    engine.docker("build", "--network", "none", "-t", image, str(context), timeout=300)
+    override = work / f"compose.{tag}.yml"
+    override.write_text(json.dumps({"services": {n: {"image": image} for n in APP_SERVICES}}))
+    return override
+
+
+def container_state(engine: Engine, compose_: Compose, service: str) -> tuple[str, int, int]:
+    ids = {row["Service"]: row["ID"] for row in compose_.containers()}
+    state = json.loads(engine.docker("inspect", "--format", "{{json .}}", ids[service]))
+    return state["State"]["Status"], state["State"]["ExitCode"], state["RestartCount"]
+
+
+def failed_migration(engine: Engine, work: Path, overrides: list[Path], database_url: str) -> None:
+    """A release whose new revision fails: the api gives up after its 5 retries; the README's
+    recovery commands report it without migrating; the fixed release migrates."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '0003'")  # after the rollback
+    broken = Compose(engine, *overrides, build_release(engine, work, "broken", BROKEN_REVISION))
+    broken("up", "-d", "--no-deps", "--no-build", *APP_SERVICES)
+    deadline = time.monotonic() + 120
+    while (state := container_state(engine, broken, "prosaas-api"))[0] != "exited" or state[2] < 5:
+        if time.monotonic() > deadline:
+            raise SmokeFailure(f"the api did not give up after 5 restarts: {state}")
+        time.sleep(0.5)
+    time.sleep(3)  # a sixth start would come within 3.2 s (Docker doubles 100 ms each time)
+    api = broken.logs("prosaas-api")
+    if container_state(engine, broken, "prosaas-api") != ("exited", 1, 5):
+        raise SmokeFailure(f"api: {container_state(engine, broken, 'prosaas-api')}\n{api}")
+    if api.count("❌ MIGRATION FAILED in revision 0004") != 6:
+        raise SmokeFailure(f"expected the first try and 5 retries to fail:\n{api}")
+    say("broken release: the api tried 0004 6 times (restart: on-failure:5), then Exited (1)")
+
+    # The trap the README warns of: `compose run SERVICE CMD` goes through the entrypoint, and
+    # with RUN_MIGRATIONS=1 it migrates (and fails) before CMD would run.
+    trap = broken.exits("run", "--rm", "--no-deps", "prosaas-api", "prosaas-migrate", "status")
+    if trap.returncode != 1 or "MIGRATION FAILED" not in trap.stdout + trap.stderr:
+        raise SmokeFailure(f"compose run without --entrypoint: {trap.returncode}\n{trap.stderr}")
+    recovery = [*RECOVERY[:2], "--no-deps", *RECOVERY[2:]]  # no db service to start here
+    status = broken.exits(*recovery, "status", "--check")
+    lint = broken.exits(*recovery, "lint")
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+        index = conn.execute("SELECT count(*) FROM pg_class WHERE relname = 'ix_leads_score'")
+        indexes = index.fetchone()
+    if status.returncode != 1 or "0004" not in status.stdout + status.stderr:
+        raise SmokeFailure(
+            f"status --check: {status.returncode} (want 1, pending)\n{status.stdout}"
+        )
+    for said in (status.stdout + status.stderr, lint.stdout + lint.stderr):
+        if "MIGRATION CHECKPOINT" in said or "Applying revision" in said:
+            raise SmokeFailure(f"a recovery command ran the migration:\n{said}")
+    if lint.returncode != 1 or "index-not-concurrent" not in lint.stdout + lint.stderr:
+        raise SmokeFailure(f"lint: {lint.returncode}\n{lint.stdout}{lint.stderr}")
+    if row != ("0003",) or indexes != (0,):
+        raise SmokeFailure(f"the recovery commands changed the database: {row}, {indexes}")
+    say("recovery: compose run --rm --entrypoint prosaas-migrate prosaas-api status --check "
+        "exits 1 (0004 pending), lint names the revision, nothing migrated")  # fmt: skip
+
+    fixed = Compose(engine, *overrides, build_release(engine, work, "fixed", FIXED_REVISION))
+    fixed("up", "-d", "--no-deps", "--no-build", *APP_SERVICES)
+    wait_until_up(fixed)
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+    if row != ("0004",) or "Migrations complete: 1 revision(s) applied, now at 0004" not in (
+        fixed.logs("prosaas-api")
+    ):
+        raise SmokeFailure(f"the fixed release did not migrate: {row}\n{fixed.logs('prosaas-api')}")
+    fixed("stop", "--timeout", "15")
+    say("fixed release: 0004 applied, every service up, schema at head 0004")
+
+
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="prosaas-smoke-"))
     engine = Engine(work)
@@ -335,7 +519,10 @@ def main() -> int:
         cluster = Cluster()
         cluster.start()
         database_url = cluster.create_database("prosaas")
-        compose_ = Compose(engine, write_override(work, database_url, free_port()))
+        check_tini(engine)
+        secrets = write_secrets(work, database_url)
+        overrides = [write_override(work, secrets, free_port())]
+        compose_ = Compose(engine, *overrides)
         say("docker compose up --no-deps (the host's PostgreSQL stands in for db)")
         compose_("up", "-d", "--no-deps", "--no-build", *APP_SERVICES)
         wait_until_up(compose_)
@@ -346,6 +533,7 @@ def main() -> int:
                 raise SmokeFailure(f"{name} did not stop cleanly:\n{compose_.logs(name)}")
         say("compose stop: every service caught SIGTERM and stopped cleanly")
         rollback(compose_, database_url)
+        failed_migration(engine, work, overrides, database_url)
         compose_("down", "--timeout", "15")
         left = engine.docker("ps", "-aq").split()
         if left:

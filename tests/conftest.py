@@ -20,8 +20,8 @@ from prosaas_migrate.config import KNOWN_VARIABLES
 from tests.pgcluster import PGBOUNCER, Cluster, PgBouncer
 
 # Our variables, and the ones that would change the tool's behaviour if the developer's shell
-# happened to set them.
-OWN_VARIABLES = (*KNOWN_VARIABLES, "PGOPTIONS", "PGAPPNAME")
+# happened to set them (a password from the shell would let a password test pass).
+OWN_VARIABLES = (*KNOWN_VARIABLES, "PGOPTIONS", "PGAPPNAME", "PGPASSWORD", "PGPASSFILE")
 EXTERNAL_URL_VARIABLE = "PROSAAS_TEST_DATABASE_URL"
 BIN = Path(sys.executable).parent / "prosaas-migrate"
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 
 from prosaas_migrate import config
@@ -178,6 +182,7 @@ def test_database_url_precedence(
         ({"DATABASE_URL": "postgresql+asyncpg://h/db"}, None, "DATABASE_URL"),
         ({"MIGRATION_DATABASE_URL": "localhost:5432"}, None, "MIGRATION_DATABASE_URL"),
         ({"DATABASE_URL": "postgresql://h:port/db"}, None, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgresql://u:secret%80@h/db"}, None, "DATABASE_URL"),  # not UTF-8
     ],
 )
 def test_unusable_database_url(environ: dict[str, str], ini_url: str | None, variable: str) -> None:
@@ -192,3 +197,154 @@ def test_database_url_is_not_checked_when_not_migrating() -> None:
     # A worker's app may use another driver; it must start even so.
     settings = config.load({"RUN_MIGRATIONS": "0", "DATABASE_URL": "postgresql+asyncpg://h/db"})
     assert settings.run is False
+
+
+# -- URLs from files (Docker and Kubernetes secrets) ------------------------------------------
+
+
+def secret(tmp_path: Path, name: str, text: str | bytes) -> str:
+    path = tmp_path / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("files", "variables", "expected", "source"),
+    [
+        (
+            {"DATABASE_URL_FILE": "postgresql://f/db\n"},
+            {},
+            "postgresql://f/db",
+            "DATABASE_URL_FILE",
+        ),
+        (
+            {"MIGRATION_DATABASE_URL_FILE": "postgresql://direct/db\n"},
+            {"DATABASE_URL": "postgresql://pooled/db"},
+            "postgresql://direct/db",
+            "MIGRATION_DATABASE_URL_FILE",
+        ),
+        (
+            {"DATABASE_URL_FILE": "postgresql://pooled/db"},
+            {"MIGRATION_DATABASE_URL": "postgresql://direct/db"},
+            "postgresql://direct/db",
+            "MIGRATION_DATABASE_URL",
+        ),
+        (
+            {"MIGRATION_DATABASE_URL_FILE": "postgresql://direct/db", "DATABASE_URL_FILE": "x"},
+            {},
+            "postgresql://direct/db",
+            "MIGRATION_DATABASE_URL_FILE",
+        ),
+        # Secrets files end with a newline, from an editor maybe CRLF and blanks: all dropped.
+        (
+            {"DATABASE_URL_FILE": "  host=f dbname=db password=p \r\n\n"},
+            {},
+            "host=f dbname=db password=p",
+            "DATABASE_URL_FILE",
+        ),
+    ],
+)
+def test_a_url_file_stands_in_for_its_variable_in_the_same_precedence(
+    tmp_path: Path,
+    files: dict[str, str],
+    variables: dict[str, str],
+    expected: str,
+    source: str,
+) -> None:
+    environ = {name: secret(tmp_path, name, text) for name, text in files.items()} | variables
+    settings = config.load(environ)
+    assert settings.database_url == expected
+    named = f"{source}={environ[source]}" if source.endswith("_FILE") else source
+    assert settings.database_url_source == named
+    assert config.migration_conninfo(settings, "postgresql://ini/db").text == expected
+
+
+def test_a_url_file_wins_over_the_ini(tmp_path: Path) -> None:
+    environ = {"DATABASE_URL_FILE": secret(tmp_path, "url", "postgresql://f/db\n")}
+    info = config.migration_conninfo(config.load(environ), "postgresql://ini/db")
+    assert info.text == "postgresql://f/db"
+
+
+@pytest.mark.parametrize("variable", ["DATABASE_URL", "MIGRATION_DATABASE_URL"])
+def test_a_variable_and_its_file_both_set_is_one_line_naming_both(
+    tmp_path: Path, variable: str
+) -> None:
+    environ = {variable: "postgresql://a/db", f"{variable}_FILE": secret(tmp_path, "u", "x")}
+    with pytest.raises(ConfigError) as caught:
+        config.load(environ)
+    message = str(caught.value)
+    assert message.startswith(f"{variable} and {variable}_FILE are both set; set only one")
+    assert "\n" not in message
+    assert caught.value.exit_code == 2
+    assert config.problems(environ)[f"{variable}_FILE"].args == caught.value.args
+
+
+def test_both_set_is_refused_even_where_the_other_url_wins(tmp_path: Path) -> None:
+    # MIGRATION_DATABASE_URL wins for migrating, but the app reads DATABASE_URL(_FILE): which?
+    environ = {
+        "MIGRATION_DATABASE_URL": "postgresql://direct/db",
+        "DATABASE_URL": "postgresql://a/db",
+        "DATABASE_URL_FILE": secret(tmp_path, "u", "postgresql://b/db"),
+    }
+    with pytest.raises(ConfigError, match="DATABASE_URL and DATABASE_URL_FILE are both set"):
+        config.load(environ)
+
+
+CONTENT = "Zq9s3cr3t"  # a fragment of what the file holds: never in a message
+
+
+def fifo(folder: Path) -> str:
+    os.mkfifo(folder / "fifo")  # opened without O_NONBLOCK, reading it would wait forever
+    return str(folder / "fifo")
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda d: str(d / "missing"), "No such file or directory"),
+        (lambda d: str(d), "a directory"),
+        (lambda d: secret(d, "empty", ""), "empty"),
+        (lambda d: secret(d, "blank", " \n\n"), "empty"),
+        (lambda d: secret(d, "latin1", f"password={CONTENT}\xe9".encode("latin-1")), "UTF-8"),
+        (lambda d: secret(d, "big", f"password={CONTENT} " * 10_000), "larger than 64 KiB"),
+        (lambda d: "/dev/zero", "not a regular file"),  # endless: must neither hang nor fill
+        (fifo, "not a regular file"),
+    ],
+    ids=["missing", "directory", "empty", "blank", "not UTF-8", "too big", "device", "FIFO"],
+)
+def test_an_unusable_file_names_the_variable_and_the_path_never_the_content(
+    tmp_path: Path, make: Callable[[Path], str], reason: str
+) -> None:
+    path = make(tmp_path)
+    for variable in ("DATABASE_URL_FILE", "MIGRATION_DATABASE_URL_FILE"):
+        with pytest.raises(ConfigError) as caught:
+            config.load({variable: path})
+        message = str(caught.value)
+        assert message.startswith(f"{variable}: {path!r} is invalid; expected "), message
+        assert reason in message
+        assert "\n" not in message and CONTENT not in message
+        assert str(config.problems({variable: path})[variable]) == message
+
+
+def test_a_bad_url_in_a_file_is_named_by_the_file_and_masked(tmp_path: Path) -> None:
+    path = secret(tmp_path, "url", f"mysql://app:{CONTENT}@db/app\n")
+    found = config.problems({"DATABASE_URL_FILE": path})["DATABASE_URL_FILE"]
+    assert str(found).startswith(f"DATABASE_URL_FILE={path}: 'mysql://app:***@db/app' is invalid")
+    assert CONTENT not in str(found)
+    with pytest.raises(ConfigError) as caught:
+        config.migration_conninfo(config.load({"DATABASE_URL_FILE": path}), None)
+    assert str(caught.value) == str(found)
+
+
+def test_the_file_is_read_only_for_the_url_in_use(tmp_path: Path) -> None:
+    # DATABASE_URL_FILE names a file this container cannot read, but MIGRATION_DATABASE_URL
+    # wins: as for DATABASE_URL itself, the losing URL is the app's business.
+    environ = {
+        "MIGRATION_DATABASE_URL": "postgresql://direct/db",
+        "DATABASE_URL_FILE": str(tmp_path / "missing"),
+    }
+    assert config.load(environ).database_url == "postgresql://direct/db"
+    assert config.problems(environ) == {}

@@ -58,7 +58,66 @@ def test_one_image_and_the_database_healthy_first(resolved: dict[str, Any]) -> N
     for name in APP_SERVICES:
         assert services[name]["depends_on"]["db"]["condition"] == "service_healthy"
         assert services[name]["init"] is True
-        assert services[name]["environment"]["DATABASE_URL"].endswith("@db:5432/prosaas")
+
+
+def test_passwords_are_secret_files_never_inline(resolved: dict[str, Any]) -> None:
+    """Compose mounts each secret at /run/secrets/<name>; the *_FILE variables point there."""
+    services, secrets = resolved["services"], resolved["secrets"]
+    assert {name: Path(spec["file"]).relative_to(ROOT) for name, spec in secrets.items()} == {
+        "postgres_password": Path("secrets/postgres_password"),
+        "database_url": Path("secrets/database_url"),
+    }
+    wanted = {"db": ("POSTGRES_PASSWORD_FILE", "postgres_password")}
+    wanted |= {name: ("DATABASE_URL_FILE", "database_url") for name in APP_SERVICES}
+    for name, (variable, secret) in wanted.items():
+        environment = services[name]["environment"]
+        assert [m["target"] for m in services[name]["secrets"]] == [f"/run/secrets/{secret}"]
+        assert environment[variable] == f"/run/secrets/{secret}"
+        # Nothing that holds a password itself: no URL, no POSTGRES_PASSWORD.
+        assert not {"DATABASE_URL", "MIGRATION_DATABASE_URL", "POSTGRES_PASSWORD"} & set(
+            environment
+        ), name
+    assert "prosaas:prosaas@" not in (ROOT / "docker-compose.yml").read_text()
+    # The files themselves stay out of git and of the image.
+    ignored = subprocess.run(
+        ["git", "-C", str(ROOT), "check-ignore", "-q", "secrets/database_url"], check=False
+    )
+    assert ignored.returncode == 0
+
+
+def test_restart_policies_and_start_periods(resolved: dict[str, Any]) -> None:
+    services = resolved["services"]
+    # A broken revision fails every time: the api gives up after a few tries, Exited (1).
+    assert services["prosaas-api"]["restart"] == "on-failure:5"
+    for name in ("db", "worker", "prosaas-calls"):
+        assert services[name]["restart"] == "unless-stopped", name
+    # Probes failing while the database initialises, or the api migrates, do not count.
+    assert services["db"]["healthcheck"]["start_period"] == "30s"
+    assert services["prosaas-api"]["healthcheck"]["start_period"] == "5m0s"
+    lock_wait = int(services["prosaas-api"]["environment"]["MIGRATION_LOCK_WAIT_SECONDS"])
+    assert 2 * lock_wait < 300  # the wait for the lock, then the migration itself
+
+
+def test_the_secrets_script_makes_both_files_once(tmp_path: Path) -> None:
+    script = ROOT / "scripts" / "secrets"
+    folder = tmp_path / "secrets"
+    first = subprocess.run([str(script), str(folder)], capture_output=True, text=True, check=False)
+    assert first.returncode == 0, first.stderr
+    password = (folder / "postgres_password").read_text()
+    url = (folder / "database_url").read_text()
+    assert password.endswith("\n") and len(password.strip()) >= 32
+    assert url == f"postgresql://prosaas:{password.strip()}@db:5432/prosaas\n"
+    # The containers (uid 10001, postgres 999) read the bind-mounted files; the host's other
+    # users cannot enter the folder.
+    assert folder.stat().st_mode & 0o777 == 0o700
+    for name in ("postgres_password", "database_url"):
+        assert (folder / name).stat().st_mode & 0o777 == 0o644
+    again = subprocess.run([str(script), str(folder)], capture_output=True, text=True, check=False)
+    assert again.returncode == 0 and "kept as they are" in again.stderr
+    assert (folder / "postgres_password").read_text() == password  # never overwritten
+    (folder / "database_url").unlink()
+    half = subprocess.run([str(script), str(folder)], capture_output=True, text=True, check=False)
+    assert half.returncode == 1 and "only one of" in half.stderr
 
 
 def test_dockerfile_runs_the_entrypoint_as_a_non_root_user() -> None:

@@ -127,6 +127,8 @@ PLANTED = (
     "prosaas_migrate/backup.sql.gz",
     "prod.env",
     "credentials",
+    "secrets/database_url",  # docker-compose.yml's secret files (scripts/secrets)
+    "secrets/postgres_password",
     "prosaas_migrate/.envrc",
     "wheels/id_rsa",
     "wheels/client_secret.json",

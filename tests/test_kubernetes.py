@@ -18,6 +18,7 @@ import subprocess
 import textwrap
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ import psycopg
 import pytest
 import yaml
 
-from prosaas_migrate.config import DEFAULT_LOCK_KEY, load
+from prosaas_migrate.config import DEFAULT_LOCK_KEY, decide_run
 from tests.conftest import BIN, clean_env, version
 from tests.pgcluster import free_port
 
@@ -63,8 +64,19 @@ class Container:
     def id(self) -> str:
         return f"{self.file}:{self.workload}/{self.spec['name']}"
 
+    pod: dict[str, Any]  # the pod spec it runs in: its volumes
+
     def env(self) -> dict[str, str]:
         return {item["name"]: item["value"] for item in self.spec.get("env", [])}
+
+    def mounted_secrets(self) -> dict[str, str]:
+        """mountPath -> the name of the Secret a `secret` volume mounts there."""
+        volumes = {v["name"]: v for v in self.pod.get("volumes", [])}
+        return {
+            mount["mountPath"]: volumes[mount["name"]]["secret"]["secretName"]
+            for mount in self.spec.get("volumeMounts", [])
+            if "secret" in volumes.get(mount["name"], {})
+        }
 
 
 def image() -> Image:
@@ -118,16 +130,17 @@ def containers() -> list[Container]:
             continue
         workload = f"{document['kind']}/{document['metadata']['name']}"
         for init in spec.get("initContainers", []):
-            found.append(Container(file, workload, init, exits=True))
+            found.append(Container(file, workload, init, exits=True, pod=spec))
         for main in spec["containers"]:
             exits = document["kind"] in RUN_TO_COMPLETION_KINDS
-            found.append(Container(file, workload, main, exits=exits))
+            found.append(Container(file, workload, main, exits=exits, pod=spec))
     return found
 
 
 def migrates(container: Container) -> bool:
-    """The run decision prosaas-migrate itself takes from this container's environment."""
-    return load(container.env()).run
+    """The run decision prosaas-migrate itself takes from this container's environment (only
+    the decision: the URL files exist in the pod, not here)."""
+    return decide_run(container.env())[0]
 
 
 ALL = containers()
@@ -195,8 +208,41 @@ def test_what_the_schemas_leave_to_the_api_server() -> None:
         assert len({c["name"] for c in every}) == len(every), file
         for container in every:
             assert name.match(container["name"]), file
-            for source in container.get("envFrom", []):
-                assert source["secretRef"]["name"] in secrets, file
+        for volume in spec.get("volumes", []):
+            if "secret" in volume:
+                assert volume["secret"]["secretName"] in secrets, file
+
+
+def secret_keys() -> dict[str, set[str]]:
+    """Each Secret's name -> its keys, the file names a `secret` volume holds."""
+    return {
+        doc["metadata"]["name"]: set(doc.get("stringData", {})) | set(doc.get("data", {}))
+        for _, doc in documents()
+        if doc["kind"] == "Secret"
+    }
+
+
+@pytest.mark.parametrize("container", ALL, ids=[c.id for c in ALL])
+def test_the_urls_are_files_of_the_mounted_secret_never_variables(container: Container) -> None:
+    """Each *_FILE variable names a key of a Secret mounted read-only where it points."""
+    env = container.env()
+    assert "envFrom" not in container.spec, container.id  # a Secret as variables: no
+    assert not {"DATABASE_URL", "MIGRATION_DATABASE_URL"} & set(env), container.id
+    assert not any("://" in value for value in env.values()), container.id
+    mounts = {m["mountPath"]: m for m in container.spec.get("volumeMounts", [])}
+    secrets = container.mounted_secrets()
+    keys = secret_keys()
+    files = {name: path for name, path in env.items() if name.endswith("_FILE")}
+    assert set(files) == {"DATABASE_URL_FILE", "MIGRATION_DATABASE_URL_FILE"}, container.id
+    for variable, path in files.items():
+        folder, key = path.rsplit("/", 1)
+        assert folder in secrets, f"{container.id}: {variable}={path} is not in a secret mount"
+        assert mounts[folder]["readOnly"] is True, container.id
+        assert key in keys[secrets[folder]], f"{container.id}: {secrets[folder]} has no {key}"
+    # The uid the image runs as reads the root-owned files through the pod's fsGroup.
+    assert container.pod["securityContext"]["fsGroup"] == 10001, container.id
+    for volume in container.pod["volumes"]:
+        assert volume["secret"]["defaultMode"] == 0o440, container.id
 
 
 # --- the rule: migrate-and-exit containers never rely on the image's CMD --------------------
@@ -269,10 +315,21 @@ def test_waits_and_deadlines_leave_room_for_the_migration() -> None:
 # --- the argv each container would run, run for real ---------------------------------------
 
 
-def run_env(container: Container, db_url: str) -> dict[str, str]:
-    """The container's own variables; the Secret's placeholder URLs point at the test server."""
+def run_env(container: Container, db_url: str, root: Path) -> dict[str, str]:
+    """The container's own variables, its secret mounts played by folders under `root` whose
+    files (one per key, as the kubelet writes them) hold the test server's URL instead of the
+    placeholders; the *_FILE variables point into them."""
     path = f"{BIN.parent}{os.pathsep}{os.environ.get('PATH', '')}"  # the image's PATH has it
-    env = {**container.env(), "DATABASE_URL": db_url, "MIGRATION_DATABASE_URL": db_url}
+    env = container.env()
+    keys = secret_keys()
+    for mount_path, secret in container.mounted_secrets().items():
+        folder = root / mount_path.lstrip("/")
+        folder.mkdir(parents=True, exist_ok=True)
+        for key in keys[secret]:
+            (folder / key).write_text(db_url + "\n")
+        for name, value in env.items():
+            if name.endswith("_FILE") and value.startswith(mount_path + "/"):
+                env[name] = str(folder / value.removeprefix(mount_path + "/"))
     return clean_env({**env, "PATH": path})
 
 
@@ -281,12 +338,14 @@ def local(argv: list[str]) -> list[str]:
 
 
 @pytest.mark.parametrize("container", EXITING, ids=[c.id for c in EXITING])
-def test_the_migrate_and_exit_argv_migrates_and_exits(container: Container, db_url: str) -> None:
+def test_the_migrate_and_exit_argv_migrates_and_exits(
+    container: Container, db_url: str, tmp_path: Path
+) -> None:
     argv = local(effective_argv(container.spec, image()))
     for attempt in ("migrates", "finds the schema at head"):
         result = subprocess.run(
-            argv, env=run_env(container, db_url), cwd=APP_DIR, capture_output=True, text=True,
-            timeout=60, check=False,
+            argv, env=run_env(container, db_url, tmp_path), cwd=APP_DIR, capture_output=True,
+            text=True, timeout=60, check=False,
         )  # fmt: skip
         assert result.returncode == 0, f"{attempt}:\n{result.stderr}"
         assert version(db_url) == ["0003"]
@@ -294,9 +353,11 @@ def test_the_migrate_and_exit_argv_migrates_and_exits(container: Container, db_u
 
 
 @pytest.mark.parametrize("container", LONG_RUNNING, ids=[c.id for c in LONG_RUNNING])
-def test_the_long_running_argv_starts_the_service(container: Container, db_url: str) -> None:
+def test_the_long_running_argv_starts_the_service(
+    container: Container, db_url: str, tmp_path: Path
+) -> None:
     argv = local(effective_argv(container.spec, image()))
-    env = run_env(container, db_url) | {"PORT": str(free_port())}  # 8000 may be taken here
+    env = run_env(container, db_url, tmp_path) | {"PORT": str(free_port())}  # 8000 may be taken
     proc = subprocess.Popen(
         argv, env=env, cwd=APP_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -315,6 +376,10 @@ def test_the_long_running_argv_starts_the_service(container: Container, db_url: 
         while not any(started.search(line) for line in lines) and time.monotonic() < deadline:
             assert proc.poll() is None, "".join(lines)
             time.sleep(0.05)
+        if "PORT" in container.env():  # the api: its /healthz asks the database in the file
+            url = f"http://127.0.0.1:{env['PORT']}/healthz"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                assert response.status == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, "".join(lines)
     finally:
@@ -326,6 +391,8 @@ def test_the_long_running_argv_starts_the_service(container: Container, db_url: 
     assert started.search(output), output
     assert ("Migrations complete" in output) == migrates(container), output
     assert "stopped cleanly" in output
+    # The service read its URL from the mounted file, as prosaas-migrate did.
+    assert f"database URL: DATABASE_URL_FILE={env['DATABASE_URL_FILE']}" in output, output
 
 
 # --- the docs quote the files, never a diverging copy ---------------------------------------
@@ -371,27 +438,31 @@ INITCONTAINER_FILE = "alternatives/prosaas-api-initcontainer.yaml"
 
 
 def run_container(
-    container: Container, db_url: str, **env: str
+    container: Container, db_url: str, root: Path, **env: str
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        local(effective_argv(container.spec, image())), env=run_env(container, db_url) | env,
+        local(effective_argv(container.spec, image())), env=run_env(container, db_url, root) | env,
         cwd=APP_DIR, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
 
 
-def test_a_busy_lock_lets_the_api_start_unless_it_waits_for_head(db_url: str) -> None:
+def test_a_busy_lock_lets_the_api_start_unless_it_waits_for_head(
+    db_url: str, tmp_path: Path
+) -> None:
     """The initContainer that cannot get the lock in time exits 0 without migrating, so the api
     would start before head; MIGRATION_WAIT_FOR_HEAD_SECONDS on the api holds it (exit 4)."""
     init = next(c for c in EXITING if c.file == INITCONTAINER_FILE)
     api = next(c for c in LONG_RUNNING if c.file == INITCONTAINER_FILE)
     with psycopg.connect(db_url, autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(%s)", [DEFAULT_LOCK_KEY])
-        result = run_container(init, db_url, MIGRATION_LOCK_WAIT_SECONDS="1")
+        result = run_container(init, db_url, tmp_path, MIGRATION_LOCK_WAIT_SECONDS="1")
         assert result.returncode == 0, result.stderr
         assert "Could not acquire lock in time -> skipping migrations" in result.stderr
         assert version(db_url) == []  # skipped: nothing migrated
         port = str(free_port())
-        result = run_container(api, db_url, MIGRATION_WAIT_FOR_HEAD_SECONDS="2", PORT=port)
+        result = run_container(
+            api, db_url, tmp_path, MIGRATION_WAIT_FOR_HEAD_SECONDS="2", PORT=port
+        )
         assert result.returncode == 4, result.stderr
         assert "not starting the service" in result.stderr
         assert "listening" not in result.stdout + result.stderr
@@ -401,7 +472,7 @@ def test_a_busy_lock_lets_the_api_start_unless_it_waits_for_head(db_url: str) ->
         assert "skip" in text and "never starts before" not in text
 
 
-def test_a_rollback_starts_the_older_image_unless_told_to_fail(db_url: str) -> None:
+def test_a_rollback_starts_the_older_image_unless_told_to_fail(db_url: str, tmp_path: Path) -> None:
     """As docs/kubernetes.md says: a database ahead of the image (a newer one migrated) is
     never downgraded; the migrate-and-exit container exits 0, or 1 with
     MIGRATION_UNKNOWN_REVISION=fail."""
@@ -409,10 +480,10 @@ def test_a_rollback_starts_the_older_image_unless_told_to_fail(db_url: str) -> N
         conn.execute("CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY)")
         conn.execute("INSERT INTO alembic_version VALUES ('0004_from_a_newer_image')")
     for container in EXITING:
-        result = run_container(container, db_url)
+        result = run_container(container, db_url, tmp_path)
         assert result.returncode == 0, f"{container.id}:\n{result.stderr}"
         assert "The database is ahead of this image" in result.stderr
-        result = run_container(container, db_url, MIGRATION_UNKNOWN_REVISION="fail")
+        result = run_container(container, db_url, tmp_path, MIGRATION_UNKNOWN_REVISION="fail")
         assert result.returncode == 1, f"{container.id}:\n{result.stderr}"
         assert version(db_url) == ["0004_from_a_newer_image"]  # never downgraded
     assert "MIGRATION_UNKNOWN_REVISION" in DOCS.read_text()

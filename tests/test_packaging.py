@@ -127,3 +127,24 @@ def test_an_enabled_run_migrates_the_example_project(
     )  # fmt: skip
     assert "Migrations complete: 3 revision(s) applied, now at 0003" in output
     assert version(db_url) == ["0003"]
+
+
+def test_the_readme_install_line_pins_a_commit_and_installs(tmp_path: Path) -> None:
+    """The README's `git+https://...@<commit>`, done here with this checkout as the remote."""
+    readme = (ROOT / "README.md").read_text()
+    assert "prosaas-migrate.git@<commit>" in readme and "git rev-parse HEAD" in readme
+    tags = subprocess.run(["git", "-C", str(ROOT), "tag"], capture_output=True, text=True)
+    assert "@<tag>" not in readme or tags.stdout.strip()  # a tag only once there is one
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check"]
+    # file://localhost/: the pip a new venv gets wants a host in a direct reference
+    url = f"git+file://localhost{ROOT}@{commit}"
+    run([*pip, "install", "--quiet", f"prosaas-migrate @ {url}"], cwd=tmp_path)
+    output = run([str(venv / "bin" / "prosaas-migrate"), "--version"], cwd=tmp_path)
+    assert output.strip() == f"prosaas-migrate, version {__version__}"
+    freeze = run([*pip, "freeze"], cwd=tmp_path)
+    assert f"@{commit}" in freeze  # pip recorded the very commit

@@ -81,3 +81,12 @@ def test_exit_code_meanings_are_the_ones_in_the_code() -> None:
     check_rows = [line for line in section.splitlines() if line.startswith("| ")][1:]
     documented = {int(row.split("|")[1]): row.split("|")[2].strip() for row in check_rows}
     assert documented == {int(code): meaning for code, meaning in CHECK_MEANINGS.items()}
+
+
+def test_the_recovery_commands_are_the_ones_the_compose_smoke_test_runs() -> None:
+    from tests.compose_smoke import RECOVERY
+
+    documented = re.findall(r"^ *(docker compose run .*?prosaas-api \w+)", README, re.MULTILINE)
+    command = "docker compose " + " ".join(RECOVERY)
+    assert sorted(set(documented)) == [f"{command} lint", f"{command} status"]
+    assert len(documented) == 4  # in Containers and in Troubleshooting
