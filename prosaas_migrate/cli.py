@@ -248,8 +248,17 @@ def worker_trace(source: TextIO, as_json: bool, loop_threshold: int, leak_after:
 @main.command()
 @config_option
 @click.option("--since", metavar="REV", help="Only the revisions after REV (what a branch adds).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
-def lint(config_path: str | None, since: str | None, as_json: bool) -> NoReturn:
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["text", "json", "github"]),
+    default=None,
+    help="text (the default), json, or github: GitHub Actions annotations at file and line.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
+def lint(
+    config_path: str | None, since: str | None, output_format: str | None, as_json: bool
+) -> NoReturn:
     """Find unsafe DDL in revisions: long locks on busy tables, changes that break running code.
 
     Renders each revision's SQL with Alembic's offline mode (no database, no DATABASE_URL: a CI
@@ -265,10 +274,14 @@ def lint(config_path: str | None, since: str | None, as_json: bool) -> NoReturn:
     Example:
         prosaas-migrate lint --since origin-main-head
         prosaas-migrate lint --json > lint.json
+        prosaas-migrate lint --format github --since "$origin_main_head"
     """
     from prosaas_migrate import lint as checks
     from prosaas_migrate import revisions
 
+    if as_json and output_format not in (None, "json"):
+        raise click.UsageError(f"--json and --format {output_format} contradict each other")
+    output_format = "json" if as_json else output_format or "text"
     try:
         # Only the ini's location matters here: ALEMBIC_CONFIG alone, really set or from .env
         # as for `run`, so that a variable meant for `run` (even an invalid one) cannot fail a
@@ -284,8 +297,10 @@ def lint(config_path: str | None, since: str | None, as_json: bool) -> NoReturn:
     except MigrateError as exc:
         logs.error(str(exc))
         sys.exit(exc.exit_code)
-    if as_json:
+    if output_format == "json":
         click.echo(checks.render_json(report))
+    elif output_format == "github":
+        click.echo(checks.render_github(report))
     else:
         color = False if os.environ.get("NO_COLOR") else None
         click.echo(checks.render_text(report, style=click.style), color=color)

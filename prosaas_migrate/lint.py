@@ -299,6 +299,7 @@ class Finding:
     message: str
     hint: str
     table: str | None = None
+    line: int | None = None  # of the revision file: the operation that wrote the statement
 
 
 @dataclass
@@ -443,6 +444,8 @@ def _finding(
     column: str | None = None,
     detail: str | None = None,
     lock: str | None = None,
+    line: int | None = None,
+    hint: str | None = None,
 ) -> Finding:
     rule = RULES[rule_name]
     return Finding(
@@ -452,8 +455,9 @@ def _finding(
         statement=_shorten(text),
         lock=lock or rule.lock,
         message=rule.why.format(table=table, column=column, detail=detail),
-        hint=rule.hint.format(table=table, column=column, detail=detail),
+        hint=hint or rule.hint.format(table=table, column=column, detail=detail),
         table=table,
+        line=line,
     )
 
 
@@ -466,6 +470,7 @@ _Table = tuple[str, str]  # (schema, name), an unqualified name in the default s
 class _Statement:
     node: Any
     text: str
+    line: int | None = None  # of the revision file, when the renderer saw which line wrote it
 
 
 @dataclass
@@ -487,6 +492,7 @@ class _Checker:
         self.revision: Script | None = None
         self.file = ""  # the revision's file as the report shows it
         self.found: list[Finding] = []
+        self.line: int | None = None  # the revision file's line of the statement being checked
         self._handlers: dict[type, Callable[[_Statement], None]] = {
             ast.TransactionStmt: self._transaction,
             ast.CreateStmt: self._create_table,
@@ -509,9 +515,17 @@ class _Checker:
         self.file = offline.display_path(chunk.revision.path) if chunk.revision else ""
         self.created = set()
         self.found = []
+        self.line = None
         if chunk.error is not None:
-            self._report("offline-render-failed", "", detail=chunk.error)
-        for statement in self._statements(chunk.sql):
+            self._report(
+                "offline-render-failed",
+                "",
+                detail=chunk.error,
+                line=chunk.error_line,
+                hint=chunk.error_hint,
+            )
+        for statement in self._statements(chunk):
+            self.line = statement.line
             if self.revision is None and not isinstance(statement.node, ast.TransactionStmt):
                 continue  # Alembic's own statements around the revisions
             handler = self._handlers.get(type(statement.node))
@@ -519,7 +533,8 @@ class _Checker:
                 handler(statement)
         return self.found
 
-    def _statements(self, sql: str) -> Iterator[_Statement]:
+    def _statements(self, chunk: offline.Chunk) -> Iterator[_Statement]:
+        sql = chunk.sql
         try:
             texts = list(_checked_statements(sql))
         except ParseError as exc:
@@ -527,14 +542,15 @@ class _Checker:
             if self.revision is not None:
                 self._report("syntax-error", _around(sql, location), detail=message)
             # Check what does parse: each statement the scanner can split out, on its own.
-            texts = [sql[piece] for piece in split(sql, with_parser=False, only_slices=True)]
-        for text in texts:
+            pieces = split(sql, with_parser=False, only_slices=True)
+            texts = [(piece.start, sql[piece]) for piece in pieces]
+        for offset, text in texts:
             try:
                 parsed = pglast.parse_sql(text)
             except ParseError:
                 continue  # reported above
             for raw in parsed:
-                yield _Statement(raw.stmt, text)
+                yield _Statement(raw.stmt, text, chunk.line_of(offset, offset + len(text)))
 
     def _report(
         self,
@@ -545,6 +561,8 @@ class _Checker:
         column: str | None = None,
         detail: str | None = None,
         lock: str | None = None,
+        line: int | None = None,
+        hint: str | None = None,
     ) -> None:
         assert self.revision is not None
         self.found.append(
@@ -557,13 +575,15 @@ class _Checker:
                 column=column,
                 detail=detail,
                 lock=lock,
+                line=line if line is not None else self.line,
+                hint=hint,
             )
         )
 
     def _is_new(self, relation: Any) -> bool:
         return relation is not None and _table(relation) in self.created
 
-    def _on_table(self, rule: str, statement: _Statement, relation: Any, **kw: str | None) -> None:
+    def _on_table(self, rule: str, statement: _Statement, relation: Any, **kw: Any) -> None:
         """A finding about an existing table; none when the revision created it itself."""
         if not self._is_new(relation):
             self._report(rule, statement.text, table=_name(relation), **kw)
@@ -782,8 +802,8 @@ class _Checker:
                 )
 
 
-def _checked_statements(sql: str) -> Iterator[str]:
-    """The text of each statement of a type some rule looks at, in order.
+def _checked_statements(sql: str) -> Iterator[tuple[int, str]]:
+    """The offset and text of each statement of a type some rule looks at, in order.
 
     The parser's JSON output finds them: building pglast's Python tree for every statement
     (each INSERT, UPDATE, version-table write) would cost about as much as rendering them.
@@ -799,16 +819,16 @@ def _checked_statements(sql: str) -> Iterator[str]:
         if kind in _CHECKED_STATEMENTS or (kind == "SelectStmt" and "intoClause" in node):
             start = raw.get("stmt_location", 0)
             stop = start + raw["stmt_len"] if raw.get("stmt_len") else len(encoded)
-            yield encoded[start:stop].decode()
+            yield len(encoded[:start].decode()), encoded[start:stop].decode()
 
 
-def _checked_statements_deep(sql: str) -> Iterator[str]:
+def _checked_statements_deep(sql: str) -> Iterator[tuple[int, str]]:
     """_checked_statements through pglast's tree, which it builds without Python recursion."""
     for raw in pglast.parse_sql(sql):
         kind = type(raw.stmt).__name__
         if kind in _CHECKED_STATEMENTS or getattr(raw.stmt, "intoClause", None) is not None:
-            start = raw.stmt_location or 0
-            yield sql[start : start + raw.stmt_len if raw.stmt_len else len(sql)]
+            start = raw.stmt_location or 0  # pglast's tree counts characters
+            yield start, sql[start : start + raw.stmt_len if raw.stmt_len else len(sql)]
 
 
 def _option_on(options: Any, name: str) -> bool:
@@ -970,6 +990,8 @@ def render_text(report: Report, *, style: Callable[..., str]) -> str:
                 out.append("")
             out.append(style(f"{finding.revision}  {finding.file}", bold=True))
         out.append(f"  {style(finding.rule, fg='red')}: {finding.statement}".rstrip(": "))
+        if finding.line is not None:
+            out.append(f"    at:   {finding.file}:{finding.line}")
         if finding.lock:
             where = f" on {finding.table}" if finding.table else ""
             out.append(f"    lock: {finding.lock}{where}")
@@ -998,3 +1020,31 @@ def summary(report: Report, *, style: Callable[..., str]) -> str:
     elif report.renderer_note:
         line += f"\n(note: {report.renderer_note})"
     return line
+
+
+def render_github(report: Report) -> str:
+    """GitHub Actions workflow commands: one `::error` annotation per finding, at its file and
+    line (file only when the line is unknown), then the summary as a plain line."""
+    out = []
+    for finding in report.findings:
+        where = f"file={_github_property(finding.file)}"
+        if finding.line is not None:
+            where += f",line={finding.line}"
+        title = _github_property(f"prosaas-migrate lint: {finding.rule}")
+        lock = f" (lock: {finding.lock}{f' on {finding.table}' if finding.table else ''})"
+        text = f"{finding.message}{lock if finding.lock else ''}. Fix: {finding.hint}"
+        if finding.statement:
+            text += f"\n{finding.statement}"
+        out.append(f"::error {where},title={title}::{_github_data(text)}")
+    out.append(summary(report, style=lambda text, **_: text))
+    return "\n".join(out)
+
+
+def _github_data(text: str) -> str:
+    """Escape a workflow command's message, as @actions/core's escapeData does."""
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _github_property(text: str) -> str:
+    """Escape a workflow command's property value, as @actions/core's escapeProperty does."""
+    return _github_data(text).replace(":", "%3A").replace(",", "%2C")

@@ -15,6 +15,8 @@ import io
 import json
 import logging
 import os
+import sys
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -50,6 +52,15 @@ class Chunk:
     revision: Script | None = None  # None: a session's opening or closing (BEGIN;, COMMIT;)
     error: str | None = None  # the revision could not be rendered offline: why, in one line
     session_start: bool = False  # the first chunk of a fresh session: no transaction is open
+    # Where the revision file's code wrote each piece of its SQL: (offset in `sql`, line), in
+    # order; the line of a failed revision's error, when the error passed through its file.
+    lines: tuple[tuple[int, int], ...] = ()
+    error_line: int | None = None
+    error_hint: str | None = None  # what to do instead, when the error is a known idiom
+
+    def line_of(self, start: int, stop: int) -> int | None:
+        """The revision file's line whose operation wrote the SQL in [start, stop), if known."""
+        return next((line for at, line in self.lines if start <= at < stop), None)
 
 
 @dataclass
@@ -201,7 +212,41 @@ def render(
     engines = _engine_names(cfg) if result.renderer == OWN_RENDERER else [None]
     for engine in engines:
         _render_all(cfg, script, list(revisions), tuple(starting_heads), engine, result)
+    if result.renderer == ENV_PY_RENDERER and (silent := _rendered_nothing(result, revisions)):
+        # Alembic writes at least the version table's row for every revision it runs: output
+        # without it went somewhere else (env.py's own file, a log) or never happened.
+        result.chunks.clear()
+        result.renderer, result.fallback_reason = OWN_RENDERER, silent
+        _render_all(cfg, script, list(revisions), tuple(starting_heads), None, result)
     return result
+
+
+def _rendered_nothing(result: Rendering, revisions: Sequence[Script]) -> str | None:
+    """Why env.py's rendering cannot be what the revisions produce, or None when it can be."""
+    if not revisions:
+        return None
+    rendered = [chunk for chunk in result.chunks if chunk.revision is not None]
+    if not rendered:
+        return "env.py's offline branch rendered no revision (it never ran the migrations)"
+    silent = [
+        chunk.revision.revision
+        for chunk in rendered
+        if chunk.revision is not None and chunk.error is None and not _has_sql(chunk.sql)
+    ]
+    if silent and len(silent) == len(rendered):
+        return "env.py's offline branch wrote no SQL where Alembic wrote it (not to its output)"
+    if silent:
+        return f"env.py's offline branch wrote no SQL for {', '.join(silent[:3])}"
+    return None
+
+
+def _has_sql(sql: str) -> bool:
+    from pglast.parser import split
+
+    try:
+        return bool(split(sql, with_parser=False, only_slices=True))
+    except Exception:  # text the scanner rejects is still text; lint reports it
+        return bool(sql.strip())
 
 
 def _render_all(
@@ -239,7 +284,7 @@ def _session(
     None when the project's env.py could not render offline before reaching any revision; the
     renderer is then switched to our own.
     """
-    buffer = io.StringIO()
+    buffer = _LineBuffer(feeder)
     feeder.buffer = buffer
     own = result.renderer == OWN_RENDERER
     context = EnvironmentContext(
@@ -284,6 +329,10 @@ def _session(
     failure = None
     if error is not None and feeder.current is not None:
         failure = one_line(error)
+        feeder.error_line = _line_in(error, feeder.current.path)
+        feeder.error_hint = _hint(error)
+        if feeder.error_line is not None:
+            failure += f" (at {display_path(feeder.current.path)}:{feeder.error_line})"
     elif error is not None:  # after the last revision: every revision's SQL is there
         result.warning = f"{result.renderer} failed after the migrations: {one_line(error)}"
     return feeder.chunks(buffer.getvalue(), failure), failure
@@ -315,6 +364,9 @@ class _Feeder:
         self.done: list[Script] = []
         self.starts: list[int] = []  # offset where each revision's output begins
         self.end: int | None = None  # offset after the last revision
+        self.lines: list[tuple[int, int]] = []  # (offset, line of the current revision's file)
+        self.error_line: int | None = None
+        self.error_hint: str | None = None
 
     def steps(self, _heads: Any, context: MigrationContext) -> Iterator[MigrationStep]:
         self.started = True
@@ -339,13 +391,73 @@ class _Feeder:
         out = [Chunk(text[: self.starts[0]], session_start=True)]
         bounds = [*self.starts[1:], self.end if self.end is not None else len(text)]
         for revision, start, stop in zip(self.done, self.starts, bounds, strict=False):
-            out.append(Chunk(text[start:stop], revision))
+            lines = tuple((at - start, line) for at, line in self.lines if start <= at < stop)
+            out.append(Chunk(text[start:stop], revision, lines=lines))
         if failure is not None and self.current is not None:
             self.heads = _apply(self.heads, self.current)
-            out.append(Chunk("", self.current, error=failure))
+            out.append(
+                Chunk(
+                    "",
+                    self.current,
+                    error=failure,
+                    error_line=self.error_line,
+                    error_hint=self.error_hint,
+                )
+            )
         elif self.end is not None:
             out.append(Chunk(text[self.end :]))
         return out
+
+
+class _LineBuffer(io.StringIO):
+    """Alembic's output buffer, noting which line of the revision file wrote each piece."""
+
+    def __init__(self, feeder: _Feeder) -> None:
+        super().__init__()
+        self.feeder = feeder
+
+    def write(self, text: str) -> int:
+        revision = self.feeder.current
+        if revision is not None and text.strip():
+            frame = sys._getframe(1)
+            path = revision.path
+            while frame is not None and frame.f_code.co_filename != path:
+                frame = frame.f_back  # type: ignore[assignment]
+            if frame is not None:
+                self.feeder.lines.append((self.tell(), frame.f_lineno))
+        return super().write(text)
+
+
+# What the result of MockConnection.execute() (None, offline) is asked for when a revision reads.
+_RESULT_METHODS = frozenset(
+    {"scalar", "scalars", "scalar_one", "fetchone", "fetchall", "first", "one", "all", "mappings"}
+)
+
+
+def _hint(exc: BaseException) -> str | None:
+    """The fix for the two ways revisions written for a live connection fail offline."""
+    if not isinstance(exc, AttributeError):
+        return None
+    if type(exc.obj).__name__ == "MockConnection":  # op.get_bind(), offline: no driver calls
+        return (
+            f"op.get_bind() has no {exc.name}() offline: run the SQL with "
+            "op.execute(sa.text(...)), which renders offline and runs the same online; for "
+            "CONCURRENTLY, inside `with op.get_context().autocommit_block():` (not a "
+            "connection of its own, not COMMIT by hand)"
+        )
+    if exc.obj is None and exc.name in _RESULT_METHODS:  # execute() returns None offline
+        return (
+            "upgrade() reads data through op.get_bind(), which offline returns nothing: "
+            "branch on context.is_offline_mode() (`from alembic import context`) and skip "
+            "the read there, or move the data change into its own revision"
+        )
+    return None
+
+
+def _line_in(exc: BaseException, path: str) -> int | None:
+    """The innermost line of `path` that the error's traceback passed through."""
+    lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if f.filename == path]
+    return lines[-1] if lines else None
 
 
 def _apply(heads: tuple[str, ...], revision: Script) -> tuple[str, ...]:
