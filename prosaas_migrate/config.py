@@ -66,10 +66,15 @@ def parse_flag(variable: str, value: str) -> bool:
 
 
 def parse_whole(variable: str, value: str, *, meaning: str) -> int:
-    """A whole, non-negative number written in ASCII digits."""
-    if not re.fullmatch(r"[0-9]+", value.strip()):
-        raise ConfigError(variable, value, f"{meaning}, 0 or more")
-    return int(value.strip())
+    """A whole, non-negative number written in ASCII digits that fits a signed 64-bit integer.
+
+    Any such value works, however large ("wait for ever"): what reaches the server or a timer
+    is clamped there (database.server_ms, database.timer_seconds).
+    """
+    text = value.strip()
+    if not re.fullmatch(r"[0-9]+", text) or len(text) > 19 or int(text) > _INT64_MAX:
+        raise ConfigError(variable, value, f"{meaning}, 0 to {_INT64_MAX}")
+    return int(text)
 
 
 def parse_duration_ms(variable: str, value: str) -> int:

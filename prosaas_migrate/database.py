@@ -25,6 +25,8 @@ from prosaas_migrate.errors import (
 # libpq's connect_timeout: at least 2 s (it treats less as 2), and short, so that one attempt
 # never eats the whole wait budget while the server is still starting.
 _ATTEMPT_TIMEOUT_SECONDS = 3
+SERVER_MS_MAX = 2**31 - 1  # PostgreSQL's upper bound for a time setting, in milliseconds
+TIMER_SECONDS_MAX = float(2**31)  # 68 years: setitimer and threading both take it
 _MIN_ATTEMPT_SECONDS = 0.5  # even with no budget left: one real try
 _RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0)
 # Notice a vanished peer within seconds, both ways: libpq's keepalives tell us the server is
@@ -82,12 +84,25 @@ def answering_within(seconds: float) -> Iterator[None]:
         raise NoAnswer(seconds)
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    signal.setitimer(signal.ITIMER_REAL, timer_seconds(max(seconds, 0.01)))
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def server_ms(ms: float) -> int:
+    """A time setting as the server takes it: whole milliseconds, at most its int32 limit.
+
+    A budget of years ("wait for ever") is still a wait of 24.8 days per statement there.
+    """
+    return int(min(max(ms, 0), SERVER_MS_MAX))
+
+
+def timer_seconds(seconds: float) -> float:
+    """A wait for Python's timers (setitimer, threading): at most TIMER_SECONDS_MAX."""
+    return min(seconds, TIMER_SECONDS_MAX)
 
 
 def application_name(hostname: str) -> str:
@@ -206,7 +221,7 @@ def bounded(conn: psycopg.Connection[Any], timeout_ms: int) -> Iterator[psycopg.
     server session that a pooler hands to another client afterwards. A statement or lock wait
     that runs out raises VersionTableBusy.
     """
-    limit = str(max(timeout_ms, MIN_READ_TIMEOUT_MS))
+    limit = str(server_ms(max(timeout_ms, MIN_READ_TIMEOUT_MS)))
     try:
         conn.execute("BEGIN")
         try:

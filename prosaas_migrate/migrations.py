@@ -26,7 +26,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import Pool, StaticPool
 
-from prosaas_migrate import logs
+from prosaas_migrate import database, logs
 from prosaas_migrate.conninfo import ConnInfo, scrub, sqlalchemy_url
 from prosaas_migrate.errors import (
     ConfigError,
@@ -234,7 +234,7 @@ def read_versions(
         for connection in opened:
             _cancel(connection)
 
-    watchdog = threading.Timer(max(timeout, 0.05), cancel_all)
+    watchdog = threading.Timer(database.timer_seconds(max(timeout, 0.05)), cancel_all)
     watchdog.daemon = True
     watchdog.start()
     try:

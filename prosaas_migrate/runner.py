@@ -109,7 +109,7 @@ def migrate(
     app_name = database.application_name(hostname)
 
     def remaining_ms() -> int:
-        return max(int((deadline - clock()) * 1000), 0)
+        return database.server_ms((deadline - clock()) * 1000)
 
     def read_ms() -> int:
         # The server's own timeouts end a little before the client's, so the log says what
