@@ -45,11 +45,18 @@ def _emit(event: str, lines: Sequence[str], level: str = "info", **fields: Any) 
     if _secrets:  # before rendering: JSON would escape a password's quotes or accents
         lines = [_masked(line) for line in lines]
         fields = {key: _masked_value(value) for key, value in fields.items()}
-    if _format == "json":
-        stream.write(_json_line(event, level, lines, fields) + "\n")
-    else:
-        stream.write("".join(line + "\n" for line in lines))
-    stream.flush()
+    text = (
+        _json_line(event, level, lines, fields) + "\n"
+        if _format == "json"
+        else "".join(line + "\n" for line in lines)
+    )
+    try:
+        stream.write(text)
+        stream.flush()
+    except (OSError, ValueError, AttributeError):
+        # stderr closed (`2>&-`: None), full (/dev/full) or gone: there is nowhere to say it,
+        # and a log line is never a reason not to migrate or not to start the service.
+        pass
 
 
 def _masked_value(value: Any) -> Any:
@@ -80,7 +87,8 @@ def foreign_output_as_events(source: str) -> Iterator[None]:
         return
     real_stdout, real_stderr = sys.stdout, sys.stderr
     wrappers = _LineEvents(source, "stdout"), _LineEvents(source, "stderr")
-    _real_stderr = real_stderr
+    # stderr closed (`2>&-`) is None: the log then goes nowhere, not back into the wrappers.
+    _real_stderr = real_stderr if real_stderr is not None else io.StringIO()
     sys.stdout, sys.stderr = wrappers
     try:
         yield

@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -578,8 +578,10 @@ def start_service(command: Sequence[str]) -> ExitCode:
     if not command[0]:
         raise ExecFailed("''", "ENOENT", "an empty command name", not_found=True)
     logs.exec_service(command)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        # A closed or full stream (`>&-`, /dev/full) must not keep the service from starting.
+        with suppress(OSError, ValueError, AttributeError):
+            stream.flush()
     # Python ignores SIGPIPE and SIGXFSZ; an ignored signal stays ignored across exec.
     for signum in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_DFL)
