@@ -32,6 +32,7 @@ class ConnInfo:
     text: str  # what psycopg.connect takes: a postgresql:// URL or the keyword string as given
     params: dict[str, str]  # libpq's own reading of it
     display: str  # safe to log: the password masked
+    variable: str = ""  # where it came from (DATABASE_URL, sqlalchemy.url in ...), for errors
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -66,7 +67,7 @@ def parse(variable: str, value: str) -> ConnInfo:
     problem = _connect_time_problem(params)
     if problem:
         raise ConfigError(variable, redact(text), f"{GRAMMAR} ({problem})")
-    return ConnInfo(text, params, redact(text))
+    return ConnInfo(text, params, redact(text), variable)
 
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")

@@ -15,6 +15,7 @@ from prosaas_migrate import logs
 from prosaas_migrate.config import parse_duration_ms
 from prosaas_migrate.conninfo import ConnInfo, scrub
 from prosaas_migrate.errors import (
+    ConnectionRejected,
     DatabaseError,
     DatabaseUnreachable,
     SessionSettingRejected,
@@ -51,6 +52,22 @@ OURS_WHILE_MIGRATING = {"idle_session_timeout": "0", "idle_in_transaction_sessio
 # Sessions of our own that read the version table must never sit in its lock queue past
 # the wait budget (another migrator may hold ACCESS EXCLUSIVE on it for minutes).
 MIN_READ_TIMEOUT_MS = 50
+
+# Refusals no retry can change, by the words PostgreSQL (FATAL, with its SQLSTATE) and libpq
+# write them in: psycopg gives a failed connection no SQLSTATE, only libpq's message. A server
+# whose lc_messages is not English words them otherwise: those are retried, as before.
+_PERMANENT_REFUSALS = (
+    ("password authentication failed", "a wrong password (28P01)"),
+    ("no pg_hba.conf entry", "pg_hba.conf has no line for this host, user and database (28000)"),
+    ("pg_hba.conf rejects connection", "pg_hba.conf rejects this host, user or database (28000)"),
+    ("is not permitted to log in", "the role has NOLOGIN (28000)"),
+    ("does not exist", "no such database or role (3D000, 28000)"),
+    ("permission denied for database", "the role lacks CONNECT on the database (42501)"),
+    ("no password supplied", "the server asks for a password and none is given"),
+    ("SSL was required", "sslmode requires SSL, which the server does not offer"),
+    ("certificate verify failed", "the server's certificate does not verify (sslrootcert)"),
+    ("server does not support SSL", "sslmode requires SSL, which the server does not offer"),
+)
 
 VersionTable = tuple[str | None, str]  # (schema or None = search_path, table)
 DEFAULT_TABLE: VersionTable = (None, "alembic_version")
@@ -141,6 +158,10 @@ def connect(
                 )
         except (psycopg.OperationalError, NoAnswer) as exc:
             reason = one_line(exc, info)
+            if (meaning := permanent_refusal(exc)) is not None:
+                raise ConnectionRejected(
+                    info.variable or "DATABASE_URL", info.display, reason, meaning
+                ) from None
             remaining = deadline - clock()
             if remaining <= 0:
                 raise DatabaseUnreachable(
@@ -148,6 +169,15 @@ def connect(
                 ) from None
             logs.connect_retry(info.display, attempt, reason, remaining)
             sleep(min(_RETRY_DELAYS[min(attempt, len(_RETRY_DELAYS)) - 1], remaining))
+
+
+def permanent_refusal(exc: BaseException) -> str | None:
+    """What a refused connection means when no retry can change it; None when it may pass
+    (refused, starting up, too many clients, a timeout, a name not resolved yet)."""
+    if not isinstance(exc, psycopg.OperationalError):
+        return None
+    text = str(exc)
+    return next((meaning for words, meaning in _PERMANENT_REFUSALS if words in text), None)
 
 
 def set_session(dbapi_connection: Any, settings: Mapping[str, str]) -> tuple[int, Identity]:

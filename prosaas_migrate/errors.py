@@ -28,7 +28,8 @@ EXIT_MEANINGS = {
     "refused a read (no privilege), the lock was lost, or it stayed busy with "
     "`MIGRATION_ON_LOCK_TIMEOUT=fail`",
     ExitCode.USAGE: "configuration or usage error (including a transaction-pooling URL for "
-    "migrating)",
+    "migrating, and a connection the server refuses for good: a wrong password, an unknown "
+    "database or role, a pg_hba.conf reject, an SSL mismatch)",
     ExitCode.UNREACHABLE: "database unreachable within the wait budget",
     ExitCode.NOT_AT_HEAD: "waited for the schema to reach head and it did not (opt-in wait)",
     ExitCode.NOT_EXECUTABLE: "command not executable",
@@ -51,8 +52,8 @@ class CheckCode(IntEnum):
 CHECK_MEANINGS = {
     CheckCode.AT_HEAD: "at head",
     CheckCode.PENDING: "migrations are pending",
-    CheckCode.MISCONFIGURED: "misconfigured: an invalid variable, an unreadable `.env`, or a "
-    "project Alembic cannot load",
+    CheckCode.MISCONFIGURED: "misconfigured: an invalid variable, an unreadable `.env`, a "
+    "project Alembic cannot load, or a connection the server refuses for good (a wrong password)",
     CheckCode.UNKNOWN: "could not tell: the database is unreachable, or its version table "
     "unreadable (no privilege) or locked by a running migration for more than 5 s",
     CheckCode.AHEAD: "the database is at a revision these scripts do not know: a newer image "
@@ -116,6 +117,22 @@ class DatabaseUnreachable(MigrateError):
         self.reason = reason
         super().__init__(
             f"database unreachable at {url} after {attempts} attempt(s) in {waited:.1f}s: {reason}"
+        )
+
+
+class ConnectionRejected(MigrateError):
+    """The server (or libpq) refused the connection in a way no retry changes: say so at once."""
+
+    exit_code = ExitCode.USAGE
+
+    def __init__(self, variable: str, url: str, reason: str, meaning: str) -> None:
+        self.variable = variable
+        self.url = url
+        self.reason = reason
+        self.meaning = meaning
+        super().__init__(
+            f"{variable}: the connection to {url} was refused, and retrying cannot help "
+            f"({meaning}): {reason}"
         )
 
 

@@ -57,7 +57,11 @@ def exit_code(report: Mapping[str, Any], *, check: bool) -> CheckCode:
     """0; with --check, the CheckCode table: never 1 ("pending") for "could not tell"."""
     if not check:
         return CheckCode.AT_HEAD
-    if report["configuration"]["errors"] or report["alembic"]["error"]:
+    if (
+        report["configuration"]["errors"]
+        or report["alembic"]["error"]
+        or report["database"]["rejected"]
+    ):
         return CheckCode.MISCONFIGURED
     revisions = report["revisions"]
     if not report["database"]["reachable"] or revisions["error"] or revisions["at_head"] is None:
@@ -179,6 +183,7 @@ def _database(
         "url_source": None,
         "server_version": None,
         "pooler": None,
+        "rejected": False,
         "error": None,
     }
     try:
@@ -199,6 +204,9 @@ def _database(
         conn = database.connect(info, deadline=time.monotonic())
     except MigrateError as exc:
         section["error"] = getattr(exc, "reason", str(exc))
+        if meaning := getattr(exc, "meaning", None):
+            section["rejected"] = True
+            section["error"] += f" ({meaning}: retrying cannot help)"
         return section, None
     try:
         with database.answering_within(READ_TIMEOUT_MS / 1000):

@@ -145,7 +145,7 @@ JSON_FIELDS = {
     "configuration.run": {"migrate", "decided_by", "value", "error"},
     "configuration.settings[]": {"name", "value", "source", "error", "note", "meaning"},
     "alembic": {"config", "config_source", "script_location", "fast_path", "error"},
-    "database": {"reachable", "url", "url_source", "server_version", "pooler", "error"},
+    "database": {"reachable", "url", "url_source", "server_version", "pooler", "rejected", "error"},
     "revisions": {"current", "heads", "pending", "at_head", "unknown", "error"},
     "revisions.pending[]": {"revision", "message"},
     "lock": {"key", "key_source", "held", "holder", "error"},
