@@ -495,6 +495,28 @@ def test_a_failing_revision_is_rolled_back_and_the_service_not_started(
     assert not query(db_url, "SELECT 1 FROM pg_locks WHERE locktype = 'advisory'")
 
 
+def test_a_failing_revision_outside_the_script_folder_is_named_by_its_own_line(
+    tmp_path: Path, db_url: str
+) -> None:
+    """version_locations may point anywhere (a shared folder, a package): the failure names the
+    revision's own file and line, not the env.py line that ran the upgrade."""
+    failing = project.Revision("r002", python="raise ValueError('boom in r002')")
+    ini = project.create(tmp_path, [project.Revision("r001"), failing])
+    elsewhere = tmp_path / "revisions"
+    (tmp_path / "migrations" / "versions").rename(elsewhere)
+    text = ini.read_text().replace(
+        "[alembic]\n", "[alembic]\nversion_locations = %(here)s/revisions\n", 1
+    )
+    ini.write_text(text)
+    result = cli(["run", "--", "true"], enabled(db_url), tmp_path)
+    assert result.returncode == 1, result.stderr
+    (failed,) = [line for line in result.stderr.splitlines() if "MIGRATION FAILED" in line]
+    source = (elsewhere / "r002.py").read_text().splitlines()
+    line = next(n for n, text in enumerate(source, 1) if "raise ValueError" in text)
+    assert failed.endswith(f"(at revisions/r002.py:{line})"), failed
+    assert version(db_url) == []
+
+
 def revision_source(root: Path, revision: str) -> list[str]:
     return (root / "migrations" / "versions" / f"{revision}.py").read_text().splitlines()
 
