@@ -667,6 +667,16 @@ def test_streams_that_cannot_encode_emoji_do_not_crash(
     assert first.startswith(f"{marker or emoji} MIGRATION"), first
 
 
+def test_an_emoji_with_a_variation_selector_becomes_two_question_marks(tmp_path: Path) -> None:
+    # What the README tells an operator to grep for under PYTHONIOENCODING=ascii.
+    env = {"PYTHONIOENCODING": "ascii", "RUN_MIGRATIONS": "0", "MIGRATION_LOCK_WAIT_SECOND": "1"}
+    result = cli(["run", "--", "true"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    warning, disabled = result.stderr.splitlines()[:2]
+    assert warning.startswith("?? Unknown variable"), warning  # ⚠️ is U+26A0 U+FE0F
+    assert disabled.startswith("? MIGRATIONS_DISABLED"), disabled  # 🚫 is one code point
+
+
 # -- entrypoint.sh ---------------------------------------------------------------------------
 
 
