@@ -347,7 +347,15 @@ def sqlstate(exc: BaseException | None) -> str | None:
 def _project_folders(script: ScriptDirectory) -> list[str]:
     """The folders of the project's own scripts: env.py's, and every version location (which
     `version_locations` may put anywhere, env.py too, as it runs)."""
-    return [script.dir, *(os.fspath(location) for location in script.version_locations)]
+    from alembic.util import coerce_resource_to_filename  # "package:folder" too, as Alembic
+
+    folders = [script.dir]
+    for location in script.version_locations:
+        try:
+            folders.append(os.fspath(coerce_resource_to_filename(location)))
+        except Exception:  # what Alembic itself could not resolve cannot hold a revision
+            continue
+    return folders
 
 
 def _where(exc: BaseException, script: ScriptDirectory) -> str:
