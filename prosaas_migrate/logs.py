@@ -353,7 +353,7 @@ def lock_timeout(
         what = (
             "which is not a prosaas-migrate runner"
             if runner is False
-            else "whose application_name this role may not see: it may not be a runner"
+            else "which shows no application_name: it may not be a runner"
         )
         lines += [
             f"   Waited {waited:.0f}s; the lock is held by {holder.describe()}, {what}",
