@@ -27,7 +27,8 @@ from prosaas_migrate.errors import (
 
 
 def load_dotenv_file(environ: dict[str, str] | os._Environ[str], path: str) -> set[str]:
-    """Add .env's variables that are not really set; return the names it supplied.
+    """Add .env's variables that are not really set (nor, for a URL, its `_FILE` twin); return
+    the names it supplied.
 
     Raises DotenvUnreadable (one line) when the file exists but cannot be read.
     """
@@ -40,10 +41,22 @@ def load_dotenv_file(environ: dict[str, str] | os._Environ[str], path: str) -> s
     except (OSError, UnicodeDecodeError) as exc:
         raise DotenvUnreadable(path, " ".join(str(exc).split())) from None
     supplied = {
-        name: value for name, value in values.items() if value is not None and name not in environ
+        name: value
+        for name, value in values.items()
+        if value is not None and name not in environ and not _twin_really_set(environ, name)
     }
     environ.update(supplied)
     return set(supplied)
+
+
+def _twin_really_set(environ: dict[str, str] | os._Environ[str], name: str) -> bool:
+    """A URL variable or its `_FILE` twin is one setting: the .env's half of it must not turn
+    the half that is really set into a 'both set' error (or reach the service beside it)."""
+    if name not in config.URL_SETTINGS:
+        return False
+    base = name.removesuffix(config.FILE_SUFFIX)
+    twin = base if name != base else base + config.FILE_SUFFIX
+    return config.value_of(environ, twin) is not None
 
 
 def _dotenv_path() -> str:

@@ -137,7 +137,8 @@ _SECRET_FILE_GRAMMAR = (
 
 def read_secret_file(variable: str, path: str) -> str:
     """The text of the file that `variable` names (a Docker or Kubernetes secret), without the
-    newline and blanks around it. The one place the tool reads a file the environment names.
+    newline and blanks around it nor a leading byte-order mark. The one place the tool reads a
+    file the environment names.
 
     ConfigError names the variable, the path and why; never a byte of what the file holds.
     """
@@ -169,9 +170,13 @@ def read_secret_file(variable: str, path: str) -> str:
     if len(data) > SECRET_FILE_LIMIT:
         raise refuse(f"larger than {SECRET_FILE_LIMIT // 1024} KiB")
     try:
-        text = data.decode("utf-8")
+        # utf-8-sig: a byte-order mark (Notepad's UTF-8) is no part of the URL, and would
+        # otherwise make it "neither a URL nor key=value".
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise refuse("not UTF-8 text") from None
+    if "\0" in text:  # libpq reads a C string: it would drop what follows without a word
+        raise refuse("a NUL character in the file")
     if not text.strip():
         raise refuse("empty")
     return text.strip()

@@ -49,7 +49,8 @@ SELECT EXISTS (
 @dataclass(frozen=True)
 class Holder:
     """The session that holds the lock, as pg_stat_activity shows it. For another role's
-    session, without pg_read_all_stats, PostgreSQL hides all but the pid: those fields are None."""
+    session, without pg_read_all_stats, PostgreSQL hides its address, times and state (those
+    fields are None), but shows its pid and application_name to everyone."""
 
     pid: int
     application_name: str | None
@@ -75,14 +76,18 @@ class Holder:
 
     @property
     def is_runner(self) -> bool | None:
-        """Whether this is one of our runners (by its application_name); None: hidden from us."""
-        if self.connected_since is None:
+        """Whether this is one of our runners (by its application_name, which PostgreSQL shows
+        for every session); None: no application_name to tell by."""
+        if self.application_name is None:
             return None
-        return (self.application_name or "").startswith(RUNNER_APP_PREFIX)
+        return self.application_name.startswith(RUNNER_APP_PREFIX)
 
     def describe(self) -> str:
         if self.connected_since is None:
-            return f"pid {self.pid} (another role's session: its details are hidden from this one)"
+            return (
+                f"pid {self.pid} ({self.application_name or 'no application_name'}, another "
+                "role's session: its address and times are hidden from this one)"
+            )
         where = self.client_addr or "local socket"
         text = (
             f"pid {self.pid} ({self.application_name or 'no application_name'}, {where}), "

@@ -331,10 +331,12 @@ def lock_acquired(key: int, waited: float) -> None:
     )
 
 
-def lock_timeout(waited: float, holder: Holder | None = None, *, fail: bool = False) -> None:
+def lock_timeout(
+    waited: float, holder: Holder | None = None, *, fail: bool = False, answered: bool = True
+) -> None:
     """The lock stayed busy for the whole wait: the seed's graceful skip when a runner holds it
-    (or when it is a version table or a server that stayed busy), and the plain truth when the
-    holder is no runner of ours, since then nobody is migrating."""
+    (or when the version table stayed locked by one), and the plain truth when the holder is no
+    runner of ours, or the database never answered, since then nothing shows anyone migrating."""
     outcome = (
         "not starting the service (MIGRATION_ON_LOCK_TIMEOUT=fail)"
         if fail
@@ -343,7 +345,14 @@ def lock_timeout(waited: float, holder: Holder | None = None, *, fail: bool = Fa
     first = f"MIGRATION CHECKPOINT: Could not acquire lock in time -> {outcome}"
     lines = [f"❌ {first}" if fail else f"⚠️ {first}"]
     runner = holder.is_runner if holder else True
-    if runner:
+    if not answered:
+        runner = None
+        lines += [
+            f"   Waited {waited:.0f}s for the database to answer, so the lock was never tried",
+            "   Migrations did NOT run here, and nothing shows that another container is "
+            "running them",
+        ]
+    elif runner:
         lines.append(f"   Waited {waited:.0f}s but another process is running migrations")
         if not fail:
             lines.append("   This is SAFE - migrations will run in another container")
@@ -352,7 +361,7 @@ def lock_timeout(waited: float, holder: Holder | None = None, *, fail: bool = Fa
         what = (
             "which is not a prosaas-migrate runner"
             if runner is False
-            else "whose application_name this role may not see: it may not be a runner"
+            else "which shows no application_name: it may not be a runner"
         )
         lines += [
             f"   Waited {waited:.0f}s; the lock is held by {holder.describe()}, {what}",
@@ -368,6 +377,7 @@ def lock_timeout(waited: float, holder: Holder | None = None, *, fail: bool = Fa
         waited_seconds=round(waited, 1),
         holder=holder.as_dict() if holder else None,
         holder_is_runner=runner,
+        database_answered=answered,
         outcome="fail" if fail else "skip",
     )
 

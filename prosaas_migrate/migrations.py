@@ -115,7 +115,7 @@ def script_directory(cfg: Config) -> ScriptDirectory:
         with logs.foreign_output_as_events("revisions"):
             script.revision_map.heads  # noqa: B018 - loads (and so checks) every revision file
     except (Exception, SystemExit) as exc:
-        raise ProjectBroken(_where(exc, script.dir), describe(exc)) from None
+        raise ProjectBroken(_where(exc, script), describe(exc)) from None
     return script
 
 
@@ -254,7 +254,7 @@ def read_versions(
             raise cause from None  # the connection failed: the caller knows what that means
         if isinstance(cause, psycopg.Error):
             raise DatabaseError("reading the version table", describe(exc, info)) from None
-        raise ProjectBroken(_where(exc, script.dir), describe(exc, info)) from None
+        raise ProjectBroken(_where(exc, script), describe(exc, info)) from None
     finally:
         watchdog.cancel()
         cfg.attributes.pop("connection", None)
@@ -295,7 +295,7 @@ def upgrade(
         tracker.finish()
     except (Exception, SystemExit) as exc:
         cause = describe(exc, info)
-        if line := _project_line(exc, script.dir):
+        if line := _project_line(exc, _project_folders(script)):
             cause += f" (at {line})"  # a Python error in a revision, or the statement's call
         raise MigrationFailed(done.running, cause, original=exc) from exc
     finally:
@@ -344,27 +344,42 @@ def sqlstate(exc: BaseException | None) -> str | None:
     return getattr(cause, "sqlstate", None)
 
 
-def _where(exc: BaseException, script_dir: str) -> str:
+def _project_folders(script: ScriptDirectory) -> list[str]:
+    """The folders of the project's own scripts: env.py's, and every version location (which
+    `version_locations` may put anywhere, env.py too, as it runs)."""
+    from alembic.util import coerce_resource_to_filename  # "package:folder" too, as Alembic
+
+    folders = [script.dir]
+    for location in script.version_locations:
+        try:
+            folders.append(os.fspath(coerce_resource_to_filename(location)))
+        except Exception:  # what Alembic itself could not resolve cannot hold a revision
+            continue
+    return folders
+
+
+def _where(exc: BaseException, script: ScriptDirectory) -> str:
     """The file (and line) of the project that the error comes from."""
     if isinstance(exc, SyntaxError) and exc.filename:
         return f"{os.path.relpath(exc.filename)}:{exc.lineno}"
+    folders = _project_folders(script)
     # Alembic names a file without `revision` in its message only ("... from filename x.py").
     named = re.search(r"from filename (\S+\.py)\b", str(exc))
     if named:
-        found = sorted(Path(script_dir).rglob(named.group(1)))
+        found = sorted(path for folder in folders for path in Path(folder).rglob(named.group(1)))
         if found:
             return os.path.relpath(found[0])
-    return _project_line(exc, script_dir) or os.path.relpath(script_dir)
+    return _project_line(exc, folders) or os.path.relpath(script.dir)
 
 
-def _project_line(exc: BaseException, script_dir: str) -> str | None:
+def _project_line(exc: BaseException, folders: list[str]) -> str | None:
     """file:line of the innermost frame of the project's scripts (a revision, env.py) that the
     error passed through, or None."""
-    root = os.path.abspath(script_dir)
+    roots = tuple(os.path.abspath(folder) + os.sep for folder in folders)
     frames = [
         frame
         for frame in traceback.extract_tb(exc.__traceback__)
-        if os.path.abspath(frame.filename).startswith(root + os.sep)
+        if os.path.abspath(frame.filename).startswith(roots)
     ]
     if frames:
         return f"{os.path.relpath(frames[-1].filename)}:{frames[-1].lineno}"

@@ -56,7 +56,10 @@ class Blocker:
 
     def describe(self) -> str:
         if self.state is None and self.client_addr is None:
-            return f"pid {self.pid} (another role's session: its details are hidden from ours)"
+            return (
+                f"pid {self.pid} ({self.application_name or 'no application_name'}, another "
+                "role's session: its address and state are hidden from ours)"
+            )
         age = (
             ""
             if self.transaction_seconds is None

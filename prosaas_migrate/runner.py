@@ -144,9 +144,10 @@ def migrate(
         except (VersionTableBusy, database.NoAnswer) as busy:
             if isinstance(busy, VersionTableBusy):
                 logs.version_table_busy(clock() - started, busy.cause)
-            else:
-                logs.no_answer(clock() - started)
-            return _skip(settings, clock() - started, None)
+                return _skip(settings, clock() - started, None)
+            logs.no_answer(clock() - started)
+            # The lock was never tried: nothing shows that anyone else is migrating.
+            return _skip(settings, clock() - started, None, answered=False)
         except TransactionPooling as refused:
             if refused.variable:
                 raise
@@ -244,10 +245,13 @@ class Skipped:
     holder: Holder | None
 
 
-def _skip(settings: Settings, waited: float, holder: Holder | None) -> bool:
-    """Log the skip (or the failure MIGRATION_ON_LOCK_TIMEOUT=fail asks for); False: skipped."""
+def _skip(
+    settings: Settings, waited: float, holder: Holder | None, *, answered: bool = True
+) -> bool:
+    """Log the skip (or the failure MIGRATION_ON_LOCK_TIMEOUT=fail asks for); False: skipped.
+    `answered` False: the database never answered in time, so the lock was not even tried."""
     fail = settings.on_lock_timeout == "fail"
-    logs.lock_timeout(waited, holder, fail=fail)
+    logs.lock_timeout(waited, holder, fail=fail, answered=answered)
     if fail:
         raise LockTimeout(waited, holder.describe() if holder else None)
     return False

@@ -439,6 +439,38 @@ def test_the_holder_of_another_role_is_named_without_a_traceback(
     assert json.loads(status.stdout)["lock"]["holder"]["connected_since"] is None
 
 
+@pytest.mark.parametrize(
+    ("app_name", "said"),
+    [
+        ("prosaas-migrate:api-2", "This is SAFE - migrations will run in another container"),
+        ("psql", "which is not a prosaas-migrate runner"),
+    ],
+)
+def test_another_roles_holder_is_judged_by_the_application_name_it_still_shows(
+    tmp_path: Path, db_url: str, app_name: str, said: str
+) -> None:
+    """PostgreSQL hides another role's address and times, never its application_name: a runner
+    of another role is a runner (the seed's skip), a psql session is not."""
+    role = f"weak_{db_url.rsplit('/', 1)[1]}"  # roles are the cluster's: one per database
+    query(db_url, f'CREATE ROLE "{role}" LOGIN')
+    query(db_url, f'GRANT ALL ON SCHEMA public TO "{role}"')
+    project.create(tmp_path, project.linear(1))
+    url = db_url.replace("postgresql://postgres@", f"postgresql://{role}@")
+    with psycopg.connect(db_url, autocommit=True, application_name=app_name) as admin:
+        admin.execute("SELECT pg_advisory_lock(%s)", [config.DEFAULT_LOCK_KEY])
+        env = enabled(url, MIGRATION_LOCK_WAIT_SECONDS="1", MIGRATION_LOG_FORMAT="json")
+        result = cli(["run"], env, tmp_path)
+        text = cli(["run"], enabled(url, MIGRATION_LOCK_WAIT_SECONDS="1"), tmp_path)
+    assert result.returncode == 0 and text.returncode == 0, result.stderr + text.stderr
+    assert said in text.stderr and f"({app_name}, another role's session" in text.stderr
+    assert "may not be a runner" not in text.stderr
+    (event,) = [
+        e for e in map(json.loads, result.stderr.splitlines()) if e["event"] == "lock_timeout"
+    ]
+    assert event["holder_is_runner"] is app_name.startswith("prosaas-migrate:")
+    assert event["holder"]["application_name"] == app_name
+
+
 def test_a_revision_secret_never_reaches_a_progress_line() -> None:
     from prosaas_migrate.monitor import without_literals
 

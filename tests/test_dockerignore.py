@@ -123,6 +123,13 @@ PLANTED = (
     "examples/prosaas-app/migrations/versions/prod.dump",  # beside the revisions: still a dump
     "examples/prosaas-app/migrations/versions/backup.sql.gz",
     "examples/prosaas-app/migrations/versions/0001_faqs.py.bak",
+    # the same names as a Windows or macOS user writes them: Docker matches case-sensitively
+    "examples/prosaas-app/Prod_Backup.sql",
+    "examples/prosaas-app/DB_DUMP.SQL",
+    "examples/prosaas-app/nightly-Dump.tar.gz",
+    "examples/prosaas-app/Backup.zip",
+    "examples/prosaas-app/Backups/2024-06-01.sql",
+    "examples/prosaas-app/DUMP/prod/toc.dat",
     "prod_backup.sql",
     "prosaas_migrate/backup.sql.gz",
     "prod.env",
@@ -148,6 +155,7 @@ SHIPPED_SQL = (
     "examples/prosaas-app/migrations/sql/create_views.sql",
     "examples/prosaas-app/sql/seed_data.sql",
     "examples/prosaas-app/migrations/versions/0006_seed.sql.j2",
+    "examples/prosaas-app/migrations/versions/0007_Backup_Settings.SQL",
 )
 
 

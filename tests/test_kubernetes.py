@@ -472,6 +472,23 @@ def test_a_busy_lock_lets_the_api_start_unless_it_waits_for_head(
         assert "skip" in text and "never starts before" not in text
 
 
+def test_a_busy_lock_fails_a_migrate_and_exit_container_when_told_to(
+    db_url: str, tmp_path: Path
+) -> None:
+    """As docs/kubernetes.md says: with MIGRATION_ON_LOCK_TIMEOUT=fail a Job or initContainer
+    that cannot get the lock in time exits 1 (the release stops, the init is retried) instead
+    of 0, which would let the new version roll out on the old schema."""
+    with psycopg.connect(db_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", [DEFAULT_LOCK_KEY])
+        for container in EXITING:
+            env = {"MIGRATION_LOCK_WAIT_SECONDS": "1", "MIGRATION_ON_LOCK_TIMEOUT": "fail"}
+            result = run_container(container, db_url, tmp_path, **env)
+            assert result.returncode == 1, f"{container.id}:\n{result.stderr}"
+            assert "MIGRATION_ON_LOCK_TIMEOUT=fail" in result.stderr
+    assert version(db_url) == []
+    assert DOCS.read_text().count("MIGRATION_ON_LOCK_TIMEOUT") >= 2  # the init and the Job
+
+
 def test_a_rollback_starts_the_older_image_unless_told_to_fail(db_url: str, tmp_path: Path) -> None:
     """As docs/kubernetes.md says: a database ahead of the image (a newer one migrated) is
     never downgraded; the migrate-and-exit container exits 0, or 1 with

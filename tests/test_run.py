@@ -495,6 +495,28 @@ def test_a_failing_revision_is_rolled_back_and_the_service_not_started(
     assert not query(db_url, "SELECT 1 FROM pg_locks WHERE locktype = 'advisory'")
 
 
+def test_a_failing_revision_outside_the_script_folder_is_named_by_its_own_line(
+    tmp_path: Path, db_url: str
+) -> None:
+    """version_locations may point anywhere (a shared folder, a package): the failure names the
+    revision's own file and line, not the env.py line that ran the upgrade."""
+    failing = project.Revision("r002", python="raise ValueError('boom in r002')")
+    ini = project.create(tmp_path, [project.Revision("r001"), failing])
+    elsewhere = tmp_path / "revisions"
+    (tmp_path / "migrations" / "versions").rename(elsewhere)
+    text = ini.read_text().replace(
+        "[alembic]\n", "[alembic]\nversion_locations = %(here)s/revisions\n", 1
+    )
+    ini.write_text(text)
+    result = cli(["run", "--", "true"], enabled(db_url), tmp_path)
+    assert result.returncode == 1, result.stderr
+    (failed,) = [line for line in result.stderr.splitlines() if "MIGRATION FAILED" in line]
+    source = (elsewhere / "r002.py").read_text().splitlines()
+    line = next(n for n, text in enumerate(source, 1) if "raise ValueError" in text)
+    assert failed.endswith(f"(at revisions/r002.py:{line})"), failed
+    assert version(db_url) == []
+
+
 def revision_source(root: Path, revision: str) -> list[str]:
     return (root / "migrations" / "versions" / f"{revision}.py").read_text().splitlines()
 
@@ -643,6 +665,16 @@ def test_streams_that_cannot_encode_emoji_do_not_crash(
     first = result.stderr.splitlines()[0]
     emoji = "🚫" if run_value == "0" else "🔧"
     assert first.startswith(f"{marker or emoji} MIGRATION"), first
+
+
+def test_an_emoji_with_a_variation_selector_becomes_two_question_marks(tmp_path: Path) -> None:
+    # What the README tells an operator to grep for under PYTHONIOENCODING=ascii.
+    env = {"PYTHONIOENCODING": "ascii", "RUN_MIGRATIONS": "0", "MIGRATION_LOCK_WAIT_SECOND": "1"}
+    result = cli(["run", "--", "true"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    warning, disabled = result.stderr.splitlines()[:2]
+    assert warning.startswith("?? Unknown variable"), warning  # ⚠️ is U+26A0 U+FE0F
+    assert disabled.startswith("? MIGRATIONS_DISABLED"), disabled  # 🚫 is one code point
 
 
 # -- entrypoint.sh ---------------------------------------------------------------------------

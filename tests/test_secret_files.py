@@ -244,3 +244,61 @@ def test_a_url_without_a_password_works_with_pgpassfile(
     assert status.returncode == 0, status.stdout
     assert json.loads(status.stdout)["database"]["url"] == password_role  # nothing to mask
     assert FRAGMENT not in outputs(refused, result, status)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [b"\xef\xbb\xbf%s\r\n", b"\xef\xbb\xbf  %s \n", b"%s\r\n\r\n"],
+    ids=["BOM and CRLF (Notepad)", "BOM and blanks", "CRLF lines"],
+)
+def test_a_file_saved_by_a_windows_editor_is_read_as_its_url(
+    app: Path, tmp_path: Path, db_url: str, shape: bytes
+) -> None:
+    path = write_secret(tmp_path / "secrets", shape % with_password(db_url).encode())
+    result = cli(["run", "--", "true"], {"RUN_MIGRATIONS": "1", "DATABASE_URL_FILE": path}, app)
+    assert result.returncode == 0, result.stderr
+    assert version(db_url) == ["r002"]
+    assert FRAGMENT not in result.stderr
+
+
+def test_a_nul_byte_in_the_file_is_exit_2_not_a_url_cut_short(app: Path, tmp_path: Path) -> None:
+    # libpq reads a C string: everything after the NUL would be dropped without a word.
+    path = write_secret(
+        tmp_path / "secrets", f"postgresql://app:{FRAGMENT}@127.0.0.1:1/app\0sslmode=require\n"
+    )
+    for flag in ("1", "0"):
+        env = {"RUN_MIGRATIONS": flag, "DATABASE_URL_FILE": path}
+        result = cli(["run", "--", "true"], env, app)
+        assert result.returncode == 2, result.stderr
+        assert "a NUL character in the file" in result.stderr and path in result.stderr
+        assert FRAGMENT not in result.stderr and "\0" not in result.stderr
+
+
+@pytest.mark.parametrize("variable", ["DATABASE_URL", "MIGRATION_DATABASE_URL"])
+@pytest.mark.parametrize("real", ["variable", "file"])
+def test_a_dotenv_twin_never_overrides_a_really_set_url(
+    app: Path, tmp_path: Path, db_url: str, variable: str, real: str
+) -> None:
+    """A developer's .env (DATABASE_URL for a local server) in a container whose secret is really
+    set: the .env's value is a fallback for what is unset, so the real one wins, as for any
+    variable, instead of a 'both set' that the container's environment does not show."""
+    path = write_secret(tmp_path / "secrets", db_url + "\n")
+    stale = "postgresql://dev:devpass@127.0.0.1:1/dev"  # never dialled
+    if real == "file":
+        env, dotenv = {f"{variable}_FILE": path}, f"{variable}={stale}\n"
+    else:
+        env, dotenv = {variable: db_url}, f"{variable}_FILE={tmp_path / 'nowhere'}\n"
+    if variable.startswith("MIGRATION_"):
+        env["DATABASE_URL"] = "postgresql://app@127.0.0.1:1/nothing"  # loses: never dialled
+    (app / ".env").write_text(dotenv)
+    service = ["run", "--", "sh", "-c", 'echo "url=${DATABASE_URL-} file=${DATABASE_URL_FILE-}"']
+    worker = cli(service, {**env, "RUN_MIGRATIONS": "0"}, app)
+    assert worker.returncode == 0, worker.stderr
+    result = cli(service, {**env, "RUN_MIGRATIONS": "1", "MIGRATION_LOCK_WAIT_SECONDS": "0"}, app)
+    assert result.returncode == 0, result.stderr
+    assert version(db_url) == ["r002"]
+    # The service gets only what the container set: not the .env's twin beside it.
+    assert "devpass" not in result.stdout and "nowhere" not in result.stdout
+    report = cli(["status", "--json", "--check"], env, app)
+    assert report.returncode == 0, report.stdout
+    assert json.loads(report.stdout)["configuration"]["errors"] == []

@@ -333,4 +333,8 @@ def test_a_session_pool_with_no_room_is_refused_within_the_budget(
     assert elapsed < 15, elapsed  # not PgBouncer's 120 s query_wait_timeout
     assert result.returncode == 0, result.stderr
     assert "did not answer" in result.stderr
+    # Nobody was seen holding the lock, let alone migrating: the skip must not say otherwise.
+    assert "another process is running migrations" not in result.stderr
+    assert "This is SAFE" not in result.stderr
+    assert "Migrations did NOT run here" in result.stderr
     assert result.stdout == "service-started\n"

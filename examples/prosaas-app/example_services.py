@@ -43,7 +43,7 @@ def database_url() -> tuple[str | None, str]:
     if value:
         raise NoUrl("DATABASE_URL and DATABASE_URL_FILE are both set; set only one of them")
     try:
-        with open(path, encoding="utf-8") as secret:
+        with open(path, encoding="utf-8-sig") as secret:
             text = secret.read().strip()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"

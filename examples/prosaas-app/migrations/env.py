@@ -24,7 +24,7 @@ def from_environment(variable: str) -> str | None:
     if value:
         raise SystemExit(f"{variable} and {variable}_FILE are both set; set only one of them")
     try:
-        with open(path.strip(), encoding="utf-8") as secret:
+        with open(path.strip(), encoding="utf-8-sig") as secret:
             return secret.read().strip() or None
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
