@@ -399,7 +399,7 @@ def render_text(report: Mapping[str, Any], *, style: Callable[..., str]) -> str:
         row(
             "pooler",
             warn(
-                f"{db['pooler']}: run refuses to migrate through it (exit 2); set "
+                f"{db['pooler']}: run refuses to migrate through it (exit 2 when a revision is pending); set "
                 "MIGRATION_DATABASE_URL to a direct connection"
             ),
         )

@@ -118,6 +118,8 @@ PLANTED = (
     "examples/prosaas-app/backups/2024-06-01.sql",
     "examples/prosaas-app/dumps/prod/toc.dat",  # pg_dump -Fd, a folder
     "examples/prosaas-app/backup/prod.sql",
+    "examples/prosaas-app/backups/versions/2024.sql",  # a copy of revisions inside a backup
+    "examples/prosaas-app/Dumps/app/versions/0001.SQL",
     "examples/prosaas-app/migrations/prod_backup.sql",
     "examples/prosaas-app/migrations/sql/dump_of_prod.sql",
     "examples/prosaas-app/migrations/versions/prod.dump",  # beside the revisions: still a dump
