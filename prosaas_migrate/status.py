@@ -399,8 +399,8 @@ def render_text(report: Mapping[str, Any], *, style: Callable[..., str]) -> str:
         row(
             "pooler",
             warn(
-                f"{db['pooler']}: run refuses to migrate through it (exit 2 when a revision is pending); set "
-                "MIGRATION_DATABASE_URL to a direct connection"
+                f"{db['pooler']}: run refuses to migrate through it (exit 2 when a revision "
+                "is pending); set MIGRATION_DATABASE_URL to a direct connection"
             ),
         )
 
