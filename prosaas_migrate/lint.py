@@ -433,6 +433,47 @@ def exit_code(report: Report) -> int:
     return 1 if report.findings else 0
 
 
+@dataclass(frozen=True)
+class Statement:
+    """One statement of the rendered SQL as the server would run it (for `plan`)."""
+
+    revision: Script | None  # None: Alembic's own, around the revisions
+    node: Any  # pglast's RawStmt.stmt; None when PostgreSQL's parser rejects the text
+    text: str  # as findings show it: comments removed, whitespace collapsed, shortened
+    in_transaction: bool  # False: outside a transaction (an autocommit_block, say)
+
+
+def statements(rendering: offline.Rendering) -> Iterator[Statement]:
+    """Every statement of every chunk in output order, with whether a transaction is open.
+
+    Transactions are read from the BEGIN/COMMIT Alembic writes, exactly as the rules read them
+    (an autocommit_block renders a COMMIT before its statements and a BEGIN after them).
+    """
+    tracker = _Checker()
+    for chunk in rendering.chunks:
+        if chunk.session_start:
+            tracker.in_transaction = False
+        try:
+            pieces = list(split(chunk.sql, only_slices=True))
+        except ParseError:  # lint reports it as syntax-error; go on with what does parse
+            pieces = list(split(chunk.sql, with_parser=False, only_slices=True))
+        for piece in pieces:
+            text = chunk.sql[piece]
+            try:
+                nodes = [raw.stmt for raw in pglast.parse_sql(text)]
+            except ParseError:
+                nodes = [None]
+            for node in nodes:
+                if isinstance(node, ast.TransactionStmt):
+                    tracker._transaction(_Statement(node, text))
+                yield Statement(
+                    chunk.revision,
+                    node,
+                    _shorten(_without_comments(text)),
+                    tracker.in_transaction,
+                )
+
+
 def _finding(
     rule_name: str,
     revision: Script,
