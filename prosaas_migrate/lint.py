@@ -29,7 +29,7 @@ from pglast.enums import (
 )
 from pglast.parser import ParseError, parse_sql_json, scan, split
 
-from prosaas_migrate import offline
+from prosaas_migrate import locks, offline
 
 if TYPE_CHECKING:
     from alembic.script import Script, ScriptDirectory
@@ -246,16 +246,6 @@ NON_VOLATILE_FUNCTIONS = frozenset(
     }
 )
 _SERIAL_TYPES = frozenset({"smallserial", "serial", "bigserial", "serial2", "serial4", "serial8"})
-_LOCK_MODES = {
-    1: "ACCESS SHARE",
-    2: "ROW SHARE",
-    3: "ROW EXCLUSIVE",
-    4: "SHARE UPDATE EXCLUSIVE",
-    5: "SHARE",
-    6: "SHARE ROW EXCLUSIVE",
-    7: "EXCLUSIVE",
-    8: "ACCESS EXCLUSIVE",
-}
 _CHECKED_STATEMENTS = frozenset(
     {
         "TransactionStmt",
@@ -271,7 +261,6 @@ _CHECKED_STATEMENTS = frozenset(
         "LockStmt",
     }
 )
-_SHARE = 5  # the weakest mode that blocks INSERT, UPDATE and DELETE
 # Unqualified names resolve through the default search_path ("$user", public): public.
 _DEFAULT_SCHEMA = "public"
 
@@ -813,13 +802,16 @@ class _Checker:
         self._on_table("cluster", statement, statement.node.relation)
 
     def _lock(self, statement: _Statement) -> None:
-        if statement.node.mode < _SHARE:
-            return  # up to SHARE UPDATE EXCLUSIVE, the application's reads and writes go on
-        mode = _LOCK_MODES[statement.node.mode]
-        for relation in statement.node.relations or ():
-            if not self._is_new(relation):
+        for lock in locks.statement_locks(statement.node).locks:
+            # Up to SHARE UPDATE EXCLUSIVE, the application's reads and writes go on.
+            relation = ast.RangeVar(schemaname=lock.schema, relname=lock.table)
+            if locks.queues_app(lock.mode) and not self._is_new(relation):
                 self._report(
-                    "lock-table", statement.text, table=_name(relation), detail=mode, lock=mode
+                    "lock-table",
+                    statement.text,
+                    table=_name(relation),
+                    detail=lock.mode,
+                    lock=lock.mode,
                 )
 
 

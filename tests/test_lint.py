@@ -16,11 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pglast
 import psycopg
 import pytest
 from click.testing import CliRunner
 
-from prosaas_migrate import lint, offline, revisions
+from prosaas_migrate import lint, locks, offline, revisions
 from prosaas_migrate.cli import main
 from prosaas_migrate.errors import ConfigError
 from tests import project
@@ -1153,6 +1154,18 @@ def schema(url: str, rows: int = 10) -> None:
 def test_every_table_rule_has_a_lock_example() -> None:
     table_rules = {name for name, rule in lint.RULES.items() if rule.lock is not None}
     assert set(LOCK_EXAMPLES) | {"vacuum-full"} == table_rules  # VACUUM: no transaction
+
+
+@pytest.mark.parametrize("rule", sorted(LOCK_EXAMPLES))
+def test_the_lock_each_rule_names_is_the_lock_tables(rule: str) -> None:
+    """A rule's `lock` documents what prosaas_migrate.locks says its example statement takes."""
+    statement, tables = LOCK_EXAMPLES[rule]
+    (raw,) = pglast.parse_sql(statement)
+    assert raw.stmt is not None
+    taken = locks.statement_locks(raw.stmt)
+    assert {name: taken.mode_on(None, name) for name in tables} == dict.fromkeys(
+        tables, lint.RULES[rule].lock
+    )
 
 
 @pytest.mark.parametrize("rule", sorted(LOCK_EXAMPLES))
