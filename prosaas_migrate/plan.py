@@ -60,6 +60,7 @@ class PlannedStatement:
     sql: str  # as lint shows statements: comments removed, whitespace collapsed, shortened
     kind: str  # the parse tree's statement type (AlterTableStmt...); "unparsable" without one
     in_transaction: bool  # False: outside a transaction (an autocommit_block)
+    held_until: str | None  # its locks are held until the COMMIT after this revision
     concurrent: bool
     locks: tuple[Lock, ...]
 
@@ -219,12 +220,13 @@ class _Pending:
     origin: _Origin
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Judged:
     revision: str
     statement: lint.Statement
     locks: locks.StatementLocks | None  # None: PostgreSQL's parser rejects the statement
     held: tuple[_Pending, ...]
+    until: str | None = None  # its locks last until the COMMIT after this revision's statements
 
 
 class _Tables:
@@ -237,26 +239,41 @@ class _Tables:
         self.judged: list[_Judged] = []
 
     def judge(self, statements: Iterable[lint.Statement]) -> list[_Judged]:
-        """Each revision's own statements (not the BEGIN/COMMIT around them) with their locks."""
+        """Each revision's own statements (not the BEGIN/COMMIT around them) with their locks.
+
+        A lock taken in a transaction is held until it ends: the COMMIT may come revisions
+        later (one transaction for the whole upgrade is Alembic's default).
+        """
         from pglast import ast
 
+        in_transaction: list[_Judged] = []
+        last: str | None = None  # the revision of the latest statement
         for statement in statements:
+            if not statement.in_transaction:  # a COMMIT, or outside any transaction
+                for judged in in_transaction:
+                    judged.until = last
+                in_transaction.clear()
             if isinstance(statement.node, ast.TransactionStmt):
                 continue
             if statement.revision is None:  # Alembic's own: the version table it creates
                 if statement.node is not None:
                     self._follow(statement.node, None)
                 continue
-            revision = statement.revision.revision
-            if statement.node is None:
-                self.judged.append(_Judged(revision, statement, None, ()))
-                continue
-            self._follow(statement.node, revision)
-            taken = locks.statement_locks(statement.node)
-            held = tuple(_Pending(lock, self._origin(lock)) for lock in taken.locks)
-            self._after(statement.node)
-            self.judged.append(_Judged(revision, statement, taken, held))
+            last = statement.revision.revision
+            judged = self._judged(last, statement)
+            self.judged.append(judged)
+            if statement.in_transaction:
+                in_transaction.append(judged)
         return self.judged
+
+    def _judged(self, revision: str, statement: lint.Statement) -> _Judged:
+        if statement.node is None:
+            return _Judged(revision, statement, None, ())
+        self._follow(statement.node, revision)
+        taken = locks.statement_locks(statement.node)
+        held = tuple(_Pending(lock, self._origin(lock)) for lock in taken.locks)
+        self._after(statement.node)
+        return _Judged(revision, statement, taken, held)
 
     def _origin(self, lock: locks.TableLock) -> _Origin:
         origin = self.state.get(_key(lock.schema, lock.table))
@@ -332,6 +349,7 @@ class _Tables:
             kind="unparsable" if taken is None else taken.kind,
             in_transaction=judged.statement.in_transaction,
             concurrent=taken is not None and taken.concurrent,
+            held_until=judged.until,
             locks=tuple(self._lock(pending) for pending in judged.held),
         )
 
@@ -538,11 +556,12 @@ def render_text(plan: Plan, *, style: Callable[..., str]) -> str:
             out.append(style(f"  cannot be rendered offline: {revision.error}", fg="red"))
         for number, statement in enumerate(revision.statements, 1):
             out.append(f"  {number}. {statement.sql}")
-            where = (
-                "in a transaction"
-                if statement.in_transaction
-                else "outside a transaction (autocommit_block)"
-            )
+            if not statement.in_transaction:
+                where = "outside a transaction (autocommit_block)"
+            elif statement.held_until is None:
+                where = "in a transaction"
+            else:
+                where = f"in the transaction committed after {statement.held_until}"
             out.append(f"     {where}")
             if statement.kind == "unparsable":
                 out.append("     locks unknown: PostgreSQL's parser rejects it (see lint below)")

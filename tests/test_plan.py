@@ -199,9 +199,14 @@ def test_an_autocommit_block_runs_outside_a_transaction(part_way: tuple[Path, st
     text = run_plan(app, {"DATABASE_URL": db_url}).stdout
     index = text.index("CREATE INDEX CONCURRENTLY ix_leads_source")
     assert text[index:].splitlines()[1].strip() == "outside a transaction (autocommit_block)"
-    # The statement after the block is back in a transaction (Alembic's BEGIN after it).
+    # The COMMIT before the block ends r002's transaction; the BEGIN after it opens the one
+    # the rest runs in, up to the final COMMIT: r003's lock on notes lasts through r004.
+    held = {s["sql"]: s["held_until"] for s in statements}
+    assert held["ALTER TABLE leads ADD COLUMN source TEXT"] == "r002"
+    assert held[outside[0]] is None
+    assert held["ALTER TABLE notes ADD COLUMN body TEXT"] == "r004"
     after = text[text.index("CREATE TABLE audit") :]
-    assert after.splitlines()[1].strip() == "in a transaction"
+    assert after.splitlines()[1].strip() == "in the transaction committed after r004"
 
 
 def test_lints_findings_are_shown_under_their_revision(part_way: tuple[Path, str]) -> None:
@@ -323,7 +328,14 @@ def test_json_round_trips(part_way: tuple[Path, str]) -> None:
     revision = document["revisions"][0]
     assert set(revision) == {"revision", "message", "file", "error", "statements", "findings"}
     statement = revision["statements"][0]
-    assert set(statement) == {"sql", "kind", "in_transaction", "concurrent", "locks"}
+    assert set(statement) == {
+        "sql",
+        "kind",
+        "in_transaction",
+        "held_until",
+        "concurrent",
+        "locks",
+    }
     assert set(statement["locks"][0]) == {
         "schema",
         "table",
