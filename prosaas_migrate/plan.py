@@ -17,7 +17,13 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from prosaas_migrate import __version__, config, locks
-from prosaas_migrate.errors import CheckCode, ConfigError, MigrateError, RevisionsUnreadable
+from prosaas_migrate.errors import (
+    CheckCode,
+    ConfigError,
+    MigrateError,
+    RevisionsUnreadable,
+    VersionTableBusy,
+)
 
 if TYPE_CHECKING:
     import psycopg
@@ -196,6 +202,11 @@ def _plan_on(conn: psycopg.Connection[Any], goal: Target, variable: str, plan: P
     try:
         with database.answering_within(READ_TIMEOUT_MS / 1000 + 1):
             tables.read_catalog(conn, READ_TIMEOUT_MS)
+    except VersionTableBusy as exc:  # bounded() names the version table: here it is another
+        plan.catalog_error = (
+            f"a table stayed locked for {exc.waited_ms / 1000:.1f}s (a migration or a long "
+            f"transaction holds it): {exc.cause}"
+        )
     except (MigrateError, psycopg.Error, database.NoAnswer) as exc:
         plan.catalog_error = _one_line(exc)
     for each in judged:

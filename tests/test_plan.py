@@ -356,3 +356,60 @@ def test_help_ends_with_a_real_example() -> None:
     result = CliRunner().invoke(main, ["plan", "--help"], terminal_width=100)
     assert result.exit_code == 0, result.output
     assert "docker compose exec worker prosaas-migrate plan" in result.output
+
+
+def test_per_migration_transactions_from_the_projects_own_env_py(
+    tmp_path: Path, db_url: str
+) -> None:
+    project.create(tmp_path, [], env="stock")
+    env_py = tmp_path / "migrations" / "env.py"
+    text = env_py.read_text()
+    assert text.count("literal_binds=True,") == 1  # the offline branch's configure()
+    env_py.write_text(
+        text.replace("literal_binds=True,", "transaction_per_migration=True, literal_binds=True,")
+    )
+    write_revisions(tmp_path, APPLIED)
+    write_revision(tmp_path, "r001b", "r001", 'op.create_index("ix_leads_old", "leads", ["email"])')
+    env = {"DATABASE_URL": db_url}
+    assert cli(["run"], {**env, "RUN_MIGRATIONS": "1"}, tmp_path).returncode == 0
+    write_revisions(tmp_path, PENDING, after="r001b")
+    write_revision(tmp_path, "r005", "r004", 'op.drop_index("ix_leads_old", table_name="leads")')
+    code, document = as_json(tmp_path, env)
+    assert code == 1
+    assert (document["renderer"], document["renderer_note"]) == ("env.py", None)
+    assert [r["revision"] for r in document["revisions"]] == ["r002", "r003", "r004", "r005"]
+    for revision in document["revisions"]:
+        for statement in revision["statements"]:
+            if statement["in_transaction"]:
+                assert statement["held_until"] == revision["revision"], statement
+    # DROP INDEX names the index; the lock falls on its table, which the catalog names.
+    dropped = document["revisions"][-1]["statements"][0]
+    assert dropped["sql"] == "DROP INDEX ix_leads_old"
+    on_table = next(lock for lock in dropped["locks"] if lock["relkind"] == "table of index")
+    assert (on_table["mode"], on_table["on"], on_table["table_state"]) == (
+        "ACCESS EXCLUSIVE",
+        "leads",
+        "existing",
+    )
+    text = run_plan(tmp_path, env).stdout
+    assert "ACCESS EXCLUSIVE on leads, the table of index ix_leads_old (" in text
+    assert "in the transaction committed after r003" in text
+
+
+def test_a_table_locked_by_a_migration_leaves_sizes_unknown_not_a_hang(
+    part_way: tuple[Path, str],
+) -> None:
+    import psycopg
+
+    app, db_url = part_way
+    with psycopg.connect(db_url) as holder:
+        holder.execute("LOCK TABLE leads IN ACCESS EXCLUSIVE MODE")
+        code, document = as_json(app, {"DATABASE_URL": db_url})
+        text = run_plan(app, {"DATABASE_URL": db_url}).stdout
+        holder.rollback()
+    assert code == 1  # what is pending is known; only the sizes are not
+    assert document["catalog_error"].startswith("a table stayed locked for 5.0s")
+    first = document["revisions"][0]["statements"][0]["locks"][0]
+    assert (first["table_state"], first["rows"], first["bytes"]) == ("unknown", None, None)
+    assert "ACCESS EXCLUSIVE on leads (size unknown)" in text
+    assert "table sizes unknown: " in text
