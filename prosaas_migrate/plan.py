@@ -498,6 +498,13 @@ def _scaled(value: float, step: int, units: tuple[str, ...]) -> str:
     raise AssertionError("unreachable")
 
 
+def _display_name(lock: Lock) -> str:
+    """The table a lock falls on, as the plan names it (an index's table as the catalog does)."""
+    if lock.relkind == locks.TABLE_OF_INDEX and lock.on is not None:
+        return lock.on
+    return f"{lock.schema}.{lock.table}" if lock.schema else lock.table
+
+
 def lock_text(lock: Lock) -> str:
     """ACCESS EXCLUSIVE on leads (12 M rows, 3.1 GB)."""
     name = f"{lock.schema}.{lock.table}" if lock.schema else lock.table
@@ -525,6 +532,22 @@ def lock_text(lock: Lock) -> str:
     else:
         about = "size unknown"
     return f"{lock.mode} on {what} ({about})"
+
+
+def queues_the_app(plan: Plan) -> list[tuple[Lock, str, str | None]]:
+    """The strongest lock on each existing table that makes the application wait: the lock,
+    the revision that first takes it, and the revision after which its transaction commits."""
+    strongest: dict[str, tuple[Lock, str, str | None]] = {}
+    for revision in plan.revisions:
+        for statement in revision.statements:
+            for lock in statement.locks:
+                if not lock.queues_app or lock.table_state != EXISTING:
+                    continue
+                key = _display_name(lock)
+                held = strongest.get(key)
+                if held is None or locks.MODES.index(lock.mode) > locks.MODES.index(held[0].mode):
+                    strongest[key] = (lock, revision.revision, statement.held_until)
+    return list(strongest.values())
 
 
 def _renderer_note(plan: Plan) -> str:
@@ -559,6 +582,13 @@ def render_text(plan: Plan, *, style: Callable[..., str]) -> str:
         return "\n".join(out)
     count = len(plan.revisions)
     out.append(style(f"pending:  {count} revision{'s' * (count != 1)}, in this order", fg="yellow"))
+    queueing = queues_the_app(plan)
+    if queueing:
+        out.append("")
+        out.append(style("Locks the application's queries will wait for", bold=True))
+        for lock, first, until in queueing:
+            held = f"held until the COMMIT after {until}" if until else "for the statement"
+            out.append(f"  {style(lock_text(lock), fg='red')}: from {first}, {held}")
     for revision in plan.revisions:
         out.append("")
         title = f"{revision.revision}  {revision.message or ''}".rstrip()

@@ -413,3 +413,60 @@ def test_a_table_locked_by_a_migration_leaves_sizes_unknown_not_a_hang(
     assert (first["table_state"], first["rows"], first["bytes"]) == ("unknown", None, None)
     assert "ACCESS EXCLUSIVE on leads (size unknown)" in text
     assert "table sizes unknown: " in text
+
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+SAMPLE = re.compile(r"^<!-- plan sample -->\n```\n(.*?)\n```", re.MULTILINE | re.DOTALL)
+
+
+def test_the_readme_sample_is_what_plan_prints(part_way: tuple[Path, str]) -> None:
+    app, db_url = part_way
+    result = run_plan(app, {"DATABASE_URL": db_url})
+    assert result.returncode == 1, result.stderr
+
+    def shape(text: str) -> list[str]:
+        # The URL (a throwaway server's port and database) aside, every character is the tool's.
+        lines = [
+            line for line in text.rstrip("\n").splitlines() if not line.startswith("database:")
+        ]
+        return [re.sub(r"[0-9]+(?:\.[0-9]+)?", "N", line) for line in lines]
+
+    (sample,) = SAMPLE.findall(README)
+    assert shape(sample) == shape(result.stdout)
+
+
+def test_the_summary_names_what_the_app_will_wait_for(part_way: tuple[Path, str]) -> None:
+    app, db_url = part_way
+    text = run_plan(app, {"DATABASE_URL": db_url}).stdout
+    summary = text.split("Locks the application's queries will wait for\n", 1)[1].split("\n\n")[0]
+    size = plan.bytes_text(catalog(db_url, "leads")[1])
+    assert summary.splitlines() == [
+        f"  ACCESS EXCLUSIVE on leads (200 k rows, {size}): from r002, held until the COMMIT "
+        "after r002",
+        f"  ACCESS EXCLUSIVE on notes (unknown rows, {plan.bytes_text(catalog(db_url, 'notes')[1])}"
+        ", never analyzed): from r003, held until the COMMIT after r004",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (0, "0 rows"),
+        (1, "1 row"),
+        (9_999, "9,999 rows"),
+        (200_000, "200 k rows"),
+        (12_345_678, "12 M rows"),
+        (1_500_000, "1.5 M rows"),
+        (None, "unknown rows"),
+    ],
+)
+def test_row_counts_read_like_a_person_would_say_them(value: int | None, text: str) -> None:
+    assert plan.rows_text(value) == text
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(0, "0 bytes"), (8192, "8.0 kB"), (16 * 1024**2, "16 MB"), (int(3.1 * 1024**3), "3.1 GB")],
+)
+def test_sizes_count_as_pg_size_pretty_does(value: int, text: str) -> None:
+    assert plan.bytes_text(value) == text
