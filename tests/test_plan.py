@@ -233,20 +233,35 @@ def test_exit_codes_as_status_check(app: Path, db_url: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("url", "variable"),
+    ("env", "variable"),
     [
-        ("driver://user:pass@localhost/dbname", "DATABASE_URL"),
-        ("postgresql://app@db:notaport/app", "DATABASE_URL"),
+        ({"DATABASE_URL": "driver://user:pass@localhost/dbname"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgresql://app@db:notaport/app"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgresql://app@db/app", "RUN_MIGRATIONS": "maybe"}, "RUN_MIGRATIONS"),
+        ({"DATABASE_URL": "postgresql://app@db/app", "ALEMBIC_CONFIG": "nope.ini"}, "nope.ini"),
     ],
 )
-def test_a_bad_configuration_is_one_line_and_exit_2(app: Path, url: str, variable: str) -> None:
-    result = run_plan(app, {"DATABASE_URL": url})
+def test_a_bad_configuration_is_one_line_and_exit_2(
+    app: Path, env: dict[str, str], variable: str
+) -> None:
+    result = run_plan(app, env)
     assert result.returncode == 2, result.stderr
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and variable in lines[0], result.stderr
-    code, document = as_json(app, {"DATABASE_URL": url})
+    code, document = as_json(app, env)
     assert code == 2 and variable in document["error"]
+
+
+def test_config_names_the_project_from_anywhere(app: Path, db_url: str, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    ini = str(app / "alembic.ini")
+    result = cli(["plan", "--config", ini], {"DATABASE_URL": db_url}, elsewhere)
+    assert result.returncode == 1, result.stderr
+    assert "r001  leads and notes" in result.stdout
+    (elsewhere / ".env").write_text(f"DATABASE_URL={db_url}\n")  # read as run and status read it
+    assert cli(["plan", "-c", ini, "--json"], {}, elsewhere).returncode == 1
 
 
 def test_without_a_url_it_is_misconfigured(app: Path) -> None:
@@ -470,3 +485,62 @@ def test_row_counts_read_like_a_person_would_say_them(value: int | None, text: s
 )
 def test_sizes_count_as_pg_size_pretty_does(value: int, text: str) -> None:
     assert plan.bytes_text(value) == text
+
+
+def test_partitions_schemas_renames_and_unparsable_sql(app: Path, db_url: str) -> None:
+    env = {"DATABASE_URL": db_url}
+    assert cli(["run"], {**env, "RUN_MIGRATIONS": "1"}, app).returncode == 0
+    query(db_url, "CREATE SCHEMA crm")
+    query(db_url, "CREATE TABLE crm.contacts AS SELECT g AS id FROM generate_series(1, 5000) g")
+    query(db_url, "CREATE TABLE events (at date, n int) PARTITION BY RANGE (at)")
+    query(
+        db_url,
+        "CREATE TABLE events_a PARTITION OF events FOR VALUES FROM (MINVALUE) TO ('2026-01-01')",
+    )
+    query(
+        db_url,
+        "CREATE TABLE events_b PARTITION OF events FOR VALUES FROM ('2026-01-01') TO (MAXVALUE)",
+    )
+    query(
+        db_url,
+        "INSERT INTO events SELECT date '2025-12-01' + g % 60, g FROM generate_series(1, 30000) g",
+    )
+    query(db_url, "ANALYZE crm.contacts")
+    query(db_url, "ANALYZE events")
+    write_revision(
+        app,
+        "r002",
+        "r001",
+        """\
+        op.add_column("events", sa.Column("kind", sa.Text))
+        op.add_column("contacts", sa.Column("kind", sa.Text), schema="crm")
+        op.rename_table("contacts", "people", schema="crm")
+        op.create_index("ix_people_kind", "people", ["kind"], schema="crm")
+        op.execute("ALTER TABLE leads ADD COLUMN")
+        """,
+    )
+    code, document = as_json(app, env)
+    assert code == 1
+    statements = document["revisions"][0]["statements"]
+    events, contacts, renamed, index, broken = (s["locks"] for s in statements[:5])
+    parts = query(
+        db_url,
+        "SELECT sum(reltuples)::bigint, sum(pg_total_relation_size(oid))::bigint FROM pg_class"
+        " WHERE relname IN ('events_a', 'events_b')",
+    )[0]
+    assert (events[0]["rows"], events[0]["bytes"]) == parts == (30000, parts[1])
+    people = catalog(db_url, "crm.contacts")
+    assert contacts[0]["schema"] == "crm" and (contacts[0]["rows"], contacts[0]["bytes"]) == people
+    assert renamed[0]["table"] == "contacts"
+    # After the rename, the rows are those of crm.contacts under its new name.
+    assert (index[0]["table"], index[0]["table_state"], index[0]["rows"]) == (
+        "people",
+        "existing",
+        5000,
+    )
+    assert broken == [] and statements[4]["kind"] == "unparsable"
+    rules = [f["rule"] for f in document["revisions"][0]["findings"]]
+    assert "syntax-error" in rules
+    text = run_plan(app, env).stdout
+    assert "locks unknown: PostgreSQL's parser rejects it (see lint below)" in text
+    assert "SHARE on crm.people (5,000 rows, " in text
