@@ -21,6 +21,7 @@ from prosaas_migrate.errors import (
     CheckCode,
     ConfigError,
     MigrateError,
+    ProjectBroken,
     RevisionsUnreadable,
     VersionTableBusy,
 )
@@ -48,10 +49,8 @@ class Lock:
     """One table lock a statement takes, and what the catalog says of the table."""
 
     schema: str | None  # as the SQL names it; None: the search_path decides
-    table: str  # the name the SQL gives: a table, or for relkind "index"/"table of index" an index
-    relkind: (
-        str  # "table", "index", "table of index" (the lock is on that index's table), "sequence"
-    )
+    table: str  # as the SQL names it: a table, or an index (relkind "index", "table of index")
+    relkind: str  # locks.TABLE, INDEX, TABLE_OF_INDEX (a lock on that index's table), SEQUENCE
     mode: str
     queues_app: bool  # the application's reads or writes wait behind it
     table_state: str  # EXISTING, CREATED, MISSING or UNKNOWN
@@ -64,7 +63,7 @@ class Lock:
 @dataclass(frozen=True)
 class PlannedStatement:
     sql: str  # as lint shows statements: comments removed, whitespace collapsed, shortened
-    kind: str  # the parse tree's statement type (AlterTableStmt...); "unparsable" without one
+    kind: str  # locks.py's name for it ("ALTER TABLE ADD COLUMN"...); "unparsable": no tree
     in_transaction: bool  # False: outside a transaction (an autocommit_block)
     held_until: str | None  # its locks are held until the COMMIT after this revision
     concurrent: bool
@@ -164,7 +163,7 @@ def _plan_on(conn: psycopg.Connection[Any], goal: Target, variable: str, plan: P
             position = schema.Reader(goal).position(conn, READ_TIMEOUT_MS)
     except (MigrateError, psycopg.Error, database.NoAnswer) as exc:
         plan.error = f"cannot read where the database stands: {_one_line(exc)}"
-        if isinstance(exc, ConfigError | RevisionsUnreadable):
+        if isinstance(exc, ConfigError | RevisionsUnreadable | ProjectBroken):
             plan.code = CheckCode.MISCONFIGURED
         return
     plan.current, plan.heads = list(position.current), list(position.heads)

@@ -544,3 +544,12 @@ def test_partitions_schemas_renames_and_unparsable_sql(app: Path, db_url: str) -
     text = run_plan(app, env).stdout
     assert "locks unknown: PostgreSQL's parser rejects it (see lint below)" in text
     assert "SHARE on crm.people (5,000 rows, " in text
+
+
+def test_a_revision_file_that_does_not_load_is_misconfigured(app: Path, db_url: str) -> None:
+    (app / "migrations" / "versions" / "r002.py").write_text(
+        "revision = 'r002'\ndown_revision = 'r001'\ndef upgrade(:\n"
+    )
+    result = run_plan(app, {"DATABASE_URL": db_url})
+    assert result.returncode == 2, result.stderr
+    assert "r002.py:3" in result.stderr and len(result.stderr.strip().splitlines()) == 1
