@@ -320,10 +320,9 @@ def plan(config_path: str | None, as_json: bool) -> NoReturn:
 
     try:
         load_dotenv_file(os.environ, _dotenv_path())
+        result = planned.make(os.environ, config_option=config_path)
     except DotenvUnreadable as exc:
-        logs.error(str(exc))
-        sys.exit(CheckCode.MISCONFIGURED)
-    result = planned.make(os.environ, config_option=config_path)
+        result = planned.Plan(CheckCode.MISCONFIGURED, error=str(exc))
     if as_json:
         click.echo(planned.render_json(result))
     elif result.error is not None:

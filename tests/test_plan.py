@@ -270,6 +270,15 @@ def test_without_a_url_it_is_misconfigured(app: Path) -> None:
     assert "DATABASE_URL: not set" in result.stderr
 
 
+def test_an_unreadable_dotenv_is_misconfigured(app: Path) -> None:
+    (app / ".env").write_bytes(b"DATABASE_URL=\xff\n")  # not UTF-8
+    result = run_plan(app, {})
+    assert result.returncode == 2
+    assert "cannot read" in result.stderr and ".env" in result.stderr
+    code, document = as_json(app, {})
+    assert code == 2 and "cannot read" in document["error"]
+
+
 def test_an_unreachable_database_is_exit_3(app: Path) -> None:
     url = f"postgresql://app:s3cr3t@127.0.0.1:{free_port()}/app"
     result = run_plan(app, {"DATABASE_URL": url})
