@@ -588,6 +588,8 @@ def render_text(plan: Plan, *, style: Callable[..., str]) -> str:
         for lock, first, until in queueing:
             held = f"held until the COMMIT after {until}" if until else "for the statement"
             out.append(f"  {style(lock_text(lock), fg='red')}: from {first}, {held}")
+    # With no BEGIN at all (env.py sets transactional_ddl=False) "outside" is not a block.
+    transactions = any(s.in_transaction for r in plan.revisions for s in r.statements)
     for revision in plan.revisions:
         out.append("")
         title = f"{revision.revision}  {revision.message or ''}".rstrip()
@@ -597,7 +599,7 @@ def render_text(plan: Plan, *, style: Callable[..., str]) -> str:
         for number, statement in enumerate(revision.statements, 1):
             out.append(f"  {number}. {statement.sql}")
             if not statement.in_transaction:
-                where = "outside a transaction (autocommit_block)"
+                where = f"outside a transaction{' (autocommit_block)' if transactions else ''}"
             elif statement.held_until is None:
                 where = "in a transaction"
             else:

@@ -562,3 +562,23 @@ def test_a_revision_file_that_does_not_load_is_misconfigured(app: Path, db_url: 
     result = run_plan(app, {"DATABASE_URL": db_url})
     assert result.returncode == 2, result.stderr
     assert "r002.py:3" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_without_transactional_ddl_nothing_is_called_an_autocommit_block(
+    tmp_path: Path, db_url: str
+) -> None:
+    project.create(tmp_path, [], env="stock")
+    env_py = tmp_path / "migrations" / "env.py"
+    env_py.write_text(
+        env_py.read_text().replace(
+            "literal_binds=True,", "transactional_ddl=False, literal_binds=True,", 1
+        )
+    )
+    write_revisions(tmp_path, APPLIED)
+    code, document = as_json(tmp_path, {"DATABASE_URL": db_url})
+    assert code == 1 and "transactional_ddl=False" in document["renderer_note"]
+    statements = document["revisions"][0]["statements"]
+    assert not any(s["in_transaction"] for s in statements)
+    text = run_plan(tmp_path, {"DATABASE_URL": db_url}).stdout
+    assert "     outside a transaction\n" in text and "autocommit_block" not in text
+    assert "note: env.py sets transactional_ddl=False" in text
