@@ -1650,3 +1650,131 @@ def test_an_unreadable_dotenv_is_one_line_exit_2(app: Path) -> None:
     assert result.stdout == ""
     assert result.stderr.strip().count("\n") == 0
     assert "cannot read " in result.stderr and ".env" in result.stderr
+
+
+# -- backfills under a held lock ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("per_migration", [False, True], ids=["one-transaction", "per-migration"])
+def test_a_backfill_is_judged_by_the_locks_its_transaction_holds(
+    tmp_path: Path, per_migration: bool
+) -> None:
+    root = new_project(tmp_path)
+    if per_migration:
+        env = root / "migrations" / "env.py"
+        env.write_text(env.read_text().replace(PER_MIGRATION_ANCHOR, PER_MIGRATION, 1))
+    write_revision(root, "r002", "r001", 'op.add_column("t", sa.Column("c", sa.Integer))')
+    write_revision(root, "r003", "r002", 'op.execute("UPDATE t SET c = a")')
+    # A schema change in an autocommit_block has committed before the backfill after it.
+    write_revision(
+        root,
+        "r004",
+        "r003",
+        BLOCK
+        + '    op.execute("ALTER TABLE u ADD COLUMN d int")\nop.execute("UPDATE u SET d = 0")',
+    )
+    report = lint_at(root)
+    if per_migration:  # each revision commits: r003 starts with no lock held
+        assert rules(report) == []
+        return
+    assert rules(report) == [("r003", "backfill-under-lock")]
+    (finding,) = report.findings
+    assert finding.lock == "ACCESS EXCLUSIVE" and finding.table == "t"
+    assert "taken by ALTER TABLE ADD COLUMN in revision r002" in finding.message
+    # --since r002: the database is at r002, so the upgrade's transaction holds nothing yet.
+    assert rules(lint_at(root, since="r002")) == []
+
+
+def test_a_plain_reindex_stops_reads_too_as_its_message_says(db_url: str) -> None:
+    schema(db_url)
+    with psycopg.connect(db_url) as reindex, psycopg.connect(db_url) as app:
+        app.execute("SET lock_timeout = '100ms'")
+        app.commit()
+        for statement in ("REINDEX INDEX ix_t_a", "REINDEX TABLE t", "DROP INDEX ix_t_a"):
+            reindex.execute(statement)
+            for query_ in ("SELECT * FROM t WHERE id = 1", "INSERT INTO t (id, b) VALUES (0, 0)"):
+                with pytest.raises(psycopg.errors.LockNotAvailable):
+                    app.execute(query_)
+                app.rollback()
+            reindex.rollback()
+    assert "every query that plans on the table" in lint.RULES["reindex-not-concurrent"].why
+
+
+# -- type changes judged against the history ---------------------------------------------------
+
+HISTORY = [
+    # (revision body, the findings it must give)
+    (
+        'op.create_table("people", sa.Column("id", sa.Integer), sa.Column("name", '
+        'sa.String(50)), sa.Column("bio", sa.Text), sa.Column("code", sa.String(10)))',
+        [],
+    ),
+    ('op.alter_column("people", "name", type_=sa.String(100))', []),
+    ('op.alter_column("people", "name", new_column_name="full_name")', ["rename-column"]),
+    ('op.alter_column("people", "full_name", type_=sa.Text)', []),
+    ('op.rename_table("people", "persons")', ["rename-table"]),
+    ('op.alter_column("persons", "full_name", type_=sa.String(20))', ["column-type-change"]),
+    (
+        'op.drop_column("persons", "bio")\nop.add_column("persons", sa.Column("bio", sa.Integer))',
+        ["drop-column"],
+    ),
+    ('op.alter_column("persons", "bio", type_=sa.BigInteger)', ["column-type-change"]),
+    ('op.drop_table("persons")', ["drop-table"]),
+    (
+        'op.create_table("persons", sa.Column("id", sa.Integer), sa.Column("full_name", sa.Text))',
+        [],
+    ),
+    ('op.alter_column("persons", "full_name", type_=sa.String())', []),
+    ('op.alter_column("persons", "code", type_=sa.Text)', ["column-type-change"]),
+    ('op.execute("ALTER TABLE legacy ALTER COLUMN x TYPE text")', ["column-type-change"]),
+    ('op.add_column("t", sa.Column("price", sa.Numeric(10, 2)))', []),
+    ('op.alter_column("t", "price", type_=sa.Numeric(14, 2))', []),
+    (
+        'op.execute("ALTER TABLE t ALTER COLUMN price TYPE numeric(14, 2) USING price + 0")',
+        ["column-type-change"],
+    ),
+    ('op.execute("ALTER TABLE t ALTER COLUMN price TYPE numeric USING price::numeric")', []),
+    ('op.execute("ALTER TABLE persons RENAME full_name TO name")', ["rename-column"]),
+    ('op.alter_column("persons", "name", type_=sa.String(20))', ["column-type-change"]),
+    ('op.alter_column("persons", "name", type_=sa.String(30))', []),
+]
+# Many tables, each renamed and widened, to make the history long (and the replay's cost real).
+for n in range(15):
+    HISTORY += [
+        (f'op.create_table("h{n}", sa.Column("v", sa.String(10)))', []),
+        (f'op.rename_table("h{n}", "k{n}")', ["rename-table"]),
+        (f'op.alter_column("k{n}", "v", type_=sa.String(20))', []),
+        (f'op.alter_column("k{n}", "v", type_=sa.Integer)', ["column-type-change"]),
+    ]
+
+
+def history_project(root: Path) -> list[tuple[str, str]]:
+    new_project(root)
+    expected: list[tuple[str, str]] = []
+    down = "r001"
+    for n, (body, found) in enumerate(HISTORY, start=2):
+        revision = f"r{n:03d}"
+        write_revision(root, revision, down, body)
+        expected += [(revision, rule) for rule in found]
+        down = revision
+    return expected
+
+
+def test_type_changes_are_judged_against_the_replayed_history(tmp_path: Path) -> None:
+    expected = history_project(tmp_path)
+    report = lint_at(tmp_path)
+    assert report.revisions_checked == len(HISTORY) + 1
+    assert rules(report) == expected
+    messages = {f.revision: f.message for f in report.findings if f.rule == "column-type-change"}
+    assert "persons.full_name from text to varchar(20):" in messages["r007"]
+    assert "persons.bio from integer to bigint:" in messages["r009"]
+    assert "persons.code to text, from a type lint does not know" in messages["r013"]
+    assert "legacy.x to text, from a type lint does not know" in messages["r014"]
+    assert "from numeric(14, 2) to numeric(14, 2) with a USING expression" in messages["r017"]
+    assert "persons.name from varchar to varchar(20):" in messages["r020"]
+    assert "k0.v from varchar(20) to integer:" in messages["r025"]
+
+    # --since: the revisions before it are replayed (renames, drops and all), not reported.
+    for since in ("r006", "r012", "r020"):
+        after = [(revision, rule) for revision, rule in expected if revision > since]
+        assert rules(lint_at(tmp_path, since=since)) == after, since
