@@ -14,6 +14,7 @@ from prosaas_migrate import __version__, config, logs, runner
 from prosaas_migrate.errors import (
     CHECK_MEANINGS,
     EXIT_MEANINGS,
+    CheckCode,
     DatabaseAhead,
     DotenvUnreadable,
     HeadNotReached,
@@ -318,6 +319,46 @@ def lint(
         color = False if os.environ.get("NO_COLOR") else None
         click.echo(checks.render_text(report, style=click.style), color=color)
     sys.exit(checks.exit_code(report))
+
+
+class _PlanCommand(click.Command):
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Exit codes (those of status --check)"):
+            formatter.write_dl([(str(int(c)), _plain(m)) for c, m in CHECK_MEANINGS.items()])
+
+
+@main.command(cls=_PlanCommand)
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def plan(config_path: str | None, as_json: bool) -> NoReturn:
+    """Show what this deploy would run here: each pending statement and what it locks.
+
+    Reads where the database stands (read-only, as status: no lock, no version table, nothing
+    written), renders the pending revisions offline (as lint) and prints, revision by
+    revision, each statement, whether it runs in a transaction or outside one (an
+    autocommit_block), the lock it takes on which table with the table's estimated rows and
+    size from the catalog, and lint's findings. Exits as status --check does.
+
+    \b
+    Example:
+        docker compose exec worker prosaas-migrate plan
+        prosaas-migrate plan --json > plan.json
+    """
+    from prosaas_migrate import plan as planned
+
+    try:
+        load_dotenv_file(os.environ, _dotenv_path())
+        result = planned.make(os.environ, config_option=config_path)
+    except DotenvUnreadable as exc:
+        result = planned.Plan(CheckCode.MISCONFIGURED, error=str(exc))
+    if as_json:
+        click.echo(planned.render_json(result))
+    elif result.error is not None:
+        logs.error(result.error)
+    else:
+        color = False if os.environ.get("NO_COLOR") else None
+        click.echo(planned.render_text(result, style=click.style), color=color)
+    sys.exit(planned.exit_code(result))
 
 
 def _report(exc: MigrateError) -> None:

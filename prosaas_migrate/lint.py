@@ -25,11 +25,12 @@ from pglast.enums import (
     ConstrType,
     NullTestType,
     ObjectType,
+    ReindexObjectType,
     TransactionStmtKind,
 )
 from pglast.parser import ParseError, parse_sql_json, scan, split
 
-from prosaas_migrate import offline
+from prosaas_migrate import history, locks, offline
 
 if TYPE_CHECKING:
     from alembic.script import Script, ScriptDirectory
@@ -65,6 +66,24 @@ RULES: dict[str, Rule] = {
             f"inside {_AUTOCOMMIT}",
         ),
         Rule(
+            "reindex-not-concurrent",
+            "SHARE",
+            "rebuilds {detail} while holding SHARE on {table} (every INSERT, UPDATE and DELETE "
+            "waits) and ACCESS EXCLUSIVE on the index (every query that plans on the table "
+            "waits too: the planner opens all of a table's indexes)",
+            "REINDEX ... CONCURRENTLY (PostgreSQL 12+) inside "
+            f"{_AUTOCOMMIT}: it builds a new copy beside the old one and swaps them",
+        ),
+        Rule(
+            "drop-index-not-concurrent",
+            "ACCESS EXCLUSIVE",
+            "drops index {detail} while holding ACCESS EXCLUSIVE on {table}: brief, but it "
+            "queues behind every running query on the table, and every query after it queues "
+            "behind it",
+            "DROP INDEX CONCURRENTLY (op.drop_index(..., postgresql_concurrently=True)) inside "
+            f"{_AUTOCOMMIT}",
+        ),
+        Rule(
             "concurrently-in-transaction",
             None,
             "{detail} cannot run inside a transaction block: the migration fails",
@@ -89,9 +108,8 @@ RULES: dict[str, Rule] = {
         Rule(
             "column-type-change",
             "ACCESS EXCLUSIVE",
-            "changes the type of {table}.{column}: unless the new type is binary-compatible "
-            "(varchar(n) to text or a longer varchar), PostgreSQL rewrites the table and its "
-            "indexes while holding ACCESS EXCLUSIVE",
+            "changes the type of {table}.{column} {detail}: PostgreSQL rewrites the table and "
+            "its indexes while holding ACCESS EXCLUSIVE",
             "add a column of the new type, backfill it in batches, switch the code, and drop "
             "the old column in a later release",
         ),
@@ -101,8 +119,8 @@ RULES: dict[str, Rule] = {
             "SET NOT NULL on {table}.{column} scans the whole table while holding ACCESS EXCLUSIVE",
             "ADD CONSTRAINT ... CHECK ({column} IS NOT NULL) NOT VALID, VALIDATE CONSTRAINT in a "
             "later transaction, then SET NOT NULL (PostgreSQL 12+ skips the scan) and drop the "
-            "check. lint sees such a check only when it was added in the revisions it checks: "
-            "one validated before them (before --since) is invisible here, so allow the finding",
+            "check. lint sees such a check when a revision adds it (before --since too): one "
+            "added by hand is invisible here, so allow the finding",
         ),
         Rule(
             "foreign-key-without-not-valid",
@@ -185,6 +203,15 @@ RULES: dict[str, Rule] = {
             "can",
         ),
         Rule(
+            "backfill-under-lock",
+            "ACCESS EXCLUSIVE",
+            "{detail}: the application's reads and writes of {table} wait for the whole "
+            "backfill, until the transaction commits",
+            "commit the schema change first: backfill in a later revision (with "
+            "transaction_per_migration=True each revision commits on its own) or inside "
+            f"{_AUTOCOMMIT}, in batches of a few thousand rows",
+        ),
+        Rule(
             "offline-render-failed",
             None,
             "cannot be rendered offline (alembic upgrade --sql), so it cannot be checked: {detail}",
@@ -246,16 +273,6 @@ NON_VOLATILE_FUNCTIONS = frozenset(
     }
 )
 _SERIAL_TYPES = frozenset({"smallserial", "serial", "bigserial", "serial2", "serial4", "serial8"})
-_LOCK_MODES = {
-    1: "ACCESS SHARE",
-    2: "ROW SHARE",
-    3: "ROW EXCLUSIVE",
-    4: "SHARE UPDATE EXCLUSIVE",
-    5: "SHARE",
-    6: "SHARE ROW EXCLUSIVE",
-    7: "EXCLUSIVE",
-    8: "ACCESS EXCLUSIVE",
-}
 _CHECKED_STATEMENTS = frozenset(
     {
         "TransactionStmt",
@@ -269,9 +286,15 @@ _CHECKED_STATEMENTS = frozenset(
         "VacuumStmt",
         "ClusterStmt",
         "LockStmt",
+        "TruncateStmt",
+        "CreateTrigStmt",
+        "RefreshMatViewStmt",
+        *{"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"},
     }
 )
-_SHARE = 5  # the weakest mode that blocks INSERT, UPDATE and DELETE
+# DML is parsed only while the transaction holds a lock that queues the application: a data
+# migration's thousands of INSERTs cost nothing otherwise.
+_DML = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
 # Unqualified names resolve through the default search_path ("$user", public): public.
 _DEFAULT_SCHEMA = "public"
 
@@ -335,7 +358,16 @@ def lint_project(project: Project, variable: str, *, since: str | None = None) -
     cfg, script = offline.load_script_directory(project, variable)
     revisions, heads = offline.select(script, since)
     rendering = offline.render(cfg, script, revisions, starting_heads=heads)
-    return check(rendering, revisions_checked=len(revisions))
+    before: offline.Rendering | None = None
+    if since is not None:
+        # What the revisions before `since` did to the schema (column types, indexes, checks)
+        # is known only by replaying them: rendered too, read, never reported.
+        every, _ = offline.select(script, None)
+        checked = {revision.revision for revision in revisions}
+        earlier = [revision for revision in every if revision.revision not in checked]
+        if earlier:
+            before = offline.render(cfg, script, earlier)
+    return check(rendering, revisions_checked=len(revisions), history=before)
 
 
 def findings_for(
@@ -351,14 +383,26 @@ def findings_for(
     return check(rendering, revisions_checked=len(scripts))
 
 
-def check(rendering: offline.Rendering, revisions_checked: int) -> Report:
-    """Apply every rule to the rendered chunks, in output order; drop what a revision allows."""
+def check(
+    rendering: offline.Rendering,
+    revisions_checked: int,
+    *,
+    history: offline.Rendering | None = None,
+) -> Report:
+    """Apply every rule to the rendered chunks, in output order; drop what a revision allows.
+
+    `history`: the revisions before the checked ones, replayed first so that the schema they
+    built is known (their findings are not reported).
+    """
     report = Report(
         revisions_checked=revisions_checked,
         renderer=rendering.renderer,
         renderer_note=rendering.fallback_reason or rendering.warning,
     )
     checker = _Checker()
+    for chunk in history.chunks if history is not None else ():
+        checker.chunk(chunk)
+    checker.new_session()  # the upgrade to check starts on a connection of its own
     comments: dict[str, AllowComments] = {}
     for chunk in rendering.chunks:
         found = checker.chunk(chunk)
@@ -434,6 +478,47 @@ def exit_code(report: Report) -> int:
     return 1 if report.findings else 0
 
 
+@dataclass(frozen=True)
+class Statement:
+    """One statement of the rendered SQL as the server would run it (for `plan`)."""
+
+    revision: Script | None  # None: Alembic's own, around the revisions
+    node: Any  # pglast's RawStmt.stmt; None when PostgreSQL's parser rejects the text
+    text: str  # as findings show it: comments removed, whitespace collapsed, shortened
+    in_transaction: bool  # False: outside a transaction (an autocommit_block, say)
+
+
+def statements(rendering: offline.Rendering) -> Iterator[Statement]:
+    """Every statement of every chunk in output order, with whether a transaction is open.
+
+    Transactions are read from the BEGIN/COMMIT Alembic writes, exactly as the rules read them
+    (an autocommit_block renders a COMMIT before its statements and a BEGIN after them).
+    """
+    tracker = _Checker()
+    for chunk in rendering.chunks:
+        if chunk.session_start:
+            tracker.in_transaction = False
+        try:
+            pieces = list(split(chunk.sql, only_slices=True))
+        except ParseError:  # lint reports it as syntax-error; go on with what does parse
+            pieces = list(split(chunk.sql, with_parser=False, only_slices=True))
+        for piece in pieces:
+            text = chunk.sql[piece]
+            try:
+                nodes = [raw.stmt for raw in pglast.parse_sql(text)]
+            except ParseError:
+                nodes = [None]
+            for node in nodes:
+                if isinstance(node, ast.TransactionStmt):
+                    tracker._transaction(_Statement(node, text))
+                yield Statement(
+                    chunk.revision,
+                    node,
+                    _shorten(_without_comments(text)),
+                    tracker.in_transaction,
+                )
+
+
 def _finding(
     rule_name: str,
     revision: Script,
@@ -488,7 +573,12 @@ class _Checker:
     def __init__(self) -> None:
         self.in_transaction = False
         self.created: set[_Table] = set()  # in the current revision
-        self.checks: dict[_Table, dict[str, _NotNullCheck]] = {}  # across the revisions checked
+        self.created_indexes: set[_Table] = set()  # (schema, index) in the current revision
+        self.checks: dict[_Table, dict[str, _NotNullCheck]] = {}  # across the revisions read
+        self.schema = history.Schema()  # column types and indexes, across the revisions read
+        # Locks that queue the application, held by the open transaction (on tables that
+        # existed before the revision): table -> (mode, what took it, in which revision).
+        self.held: dict[_Table, tuple[str, str, str]] = {}
         self.revision: Script | None = None
         self.file = ""  # the revision's file as the report shows it
         self.found: list[Finding] = []
@@ -506,14 +596,19 @@ class _Checker:
             ast.VacuumStmt: self._vacuum,
             ast.ClusterStmt: self._cluster,
             ast.LockStmt: self._lock,
+            ast.InsertStmt: self._dml,
+            ast.UpdateStmt: self._dml,
+            ast.DeleteStmt: self._dml,
+            ast.MergeStmt: self._dml,
         }
 
     def chunk(self, chunk: offline.Chunk) -> list[Finding]:
         if chunk.session_start:
-            self.in_transaction = False
+            self.new_session()
         self.revision = chunk.revision
         self.file = offline.display_path(chunk.revision.path) if chunk.revision else ""
         self.created = set()
+        self.created_indexes = set()
         self.found = []
         self.line = None
         if chunk.error is not None:
@@ -531,10 +626,47 @@ class _Checker:
             handler = self._handlers.get(type(statement.node))
             if handler is not None:
                 handler(statement)
+            self._hold(statement)
+            self.schema.apply(statement.node)
         return self.found
+
+    def new_session(self) -> None:
+        """A fresh connection: no transaction open, no lock held."""
+        self.in_transaction = False
+        self.held = {}
+
+    def _hold(self, statement: _Statement) -> None:
+        """Note the locks that queue the app which the statement leaves the transaction holding."""
+        taken = locks.statement_locks(statement.node)
+        if taken.transaction_control or not self.in_transaction:
+            self.held = {}  # a transaction ended (or each statement is its own)
+            return
+        for lock in taken.locks:
+            table = self._lock_table(lock)
+            if table is None or table in self.created or not locks.queues_app(lock.mode):
+                continue
+            held = self.held.get(table)
+            if held is None or locks.MODES.index(lock.mode) > locks.MODES.index(held[0]):
+                assert self.revision is not None
+                self.held[table] = (lock.mode, taken.kind, self.revision.revision)
+        node = statement.node
+        if isinstance(node, ast.RenameStmt) and node.renameType == ObjectType.OBJECT_TABLE:
+            old = _table(node.relation)
+            if old in self.held:
+                self.held[(old[0], str(node.newname))] = self.held.pop(old)
+
+    def _lock_table(self, lock: locks.TableLock) -> _Table | None:
+        """The table a lock is on, as the model knows it (an index's table, if it knows)."""
+        key = (lock.schema or _DEFAULT_SCHEMA, lock.table)
+        if lock.relkind == locks.TABLE:
+            return key
+        if lock.relkind == locks.TABLE_OF_INDEX:
+            return self.schema.table_of_index(key)
+        return None
 
     def _statements(self, chunk: offline.Chunk) -> Iterator[_Statement]:
         sql = chunk.sql
+        texts: list[tuple[int, str | None, str]]
         try:
             texts = list(_checked_statements(sql))
         except ParseError as exc:
@@ -543,8 +675,10 @@ class _Checker:
                 self._report("syntax-error", _around(sql, location), detail=message)
             # Check what does parse: each statement the scanner can split out, on its own.
             pieces = split(sql, with_parser=False, only_slices=True)
-            texts = [(piece.start, sql[piece]) for piece in pieces]
-        for offset, text in texts:
+            texts = [(piece.start, None, sql[piece]) for piece in pieces]
+        for offset, kind, text in texts:
+            if kind in _DML and not self.held:
+                continue  # no backfill-under-lock possible: not worth a parse
             try:
                 parsed = pglast.parse_sql(text)
             except ParseError:
@@ -626,6 +760,8 @@ class _Checker:
 
     def _index(self, statement: _Statement) -> None:
         node = statement.node
+        if node.idxname:
+            self.created_indexes.add(((node.relation.schemaname or _DEFAULT_SCHEMA), node.idxname))
         if node.concurrent:
             self._concurrently(statement, "CREATE INDEX CONCURRENTLY")
         else:
@@ -636,8 +772,70 @@ class _Checker:
             self._report("concurrently-in-transaction", statement.text, detail=what)
 
     def _reindex(self, statement: _Statement) -> None:
-        if _option_on(statement.node.params, "concurrently"):
+        node = statement.node
+        if _option_on(node.params, "concurrently"):
             self._concurrently(statement, "REINDEX CONCURRENTLY")
+        elif node.kind == ReindexObjectType.REINDEX_OBJECT_TABLE:
+            self._on_table(
+                "reindex-not-concurrent",
+                statement,
+                node.relation,
+                detail=f"every index of {_name(node.relation)}",
+            )
+        elif node.kind == ReindexObjectType.REINDEX_OBJECT_INDEX:
+            self._on_index("reindex-not-concurrent", statement, node.relation)
+        else:  # SCHEMA, DATABASE, SYSTEM: each table in turn
+            where = f"in schema {node.name}" if node.name else "in the database"
+            self._report(
+                "reindex-not-concurrent",
+                statement.text,
+                table=f"every table {where}",
+                detail=f"every index {where}",
+            )
+
+    def _on_index(self, rule: str, statement: _Statement, index: Any) -> None:
+        """A finding about the table of an existing index; none when the revision created either.
+
+        The SQL names the index only: its table is the one the history says, when it knows.
+        """
+        key = (index.schemaname or _DEFAULT_SCHEMA, index.relname)
+        table = self.schema.table_of_index(key)
+        if key in self.created_indexes or (table is not None and table in self.created):
+            return
+        shown = _name(index)
+        if table is None:
+            where = f"the table of {shown}"
+        else:
+            where = table[1] if table[0] == _DEFAULT_SCHEMA else ".".join(table)
+        self._report(rule, statement.text, table=where, detail=shown)
+
+    def _dml(self, statement: _Statement) -> None:
+        """backfill-under-lock: UPDATE, DELETE, MERGE or INSERT ... SELECT on a table the open
+        transaction holds a lock on that queues the app. INSERT ... VALUES writes the rows it
+        lists (seed data), not a backfill: it is not reported."""
+        taken = locks.statement_locks(statement.node)
+        if taken.kind == "INSERT":
+            return
+        for lock in taken.locks:
+            table = self._lock_table(lock)
+            held = self.held.get(table) if table is not None else None
+            if held is None or table in self.created:
+                continue
+            mode, by, revision = held
+            where = (
+                "this revision"
+                if revision == getattr(self.revision, "revision", None)
+                else (f"revision {revision}")
+            )
+            shown = lock.table if lock.schema is None else f"{lock.schema}.{lock.table}"
+            self._report(
+                "backfill-under-lock",
+                statement.text,
+                table=shown,
+                detail=f"{taken.kind} runs in the transaction that holds {mode} on {shown} "
+                f"(taken by {by} in {where})",
+                lock=mode,
+            )
 
     def _alter_table(self, statement: _Statement) -> None:
         node = statement.node
@@ -693,7 +891,27 @@ class _Checker:
         self._remember_check(_table(relation), constraint, validated=not constraint.skip_validation)
 
     def _alter_type(self, statement: _Statement, relation: Any, command: Any) -> None:
-        self._on_table("column-type-change", statement, relation, column=command.name)
+        column = command.def_
+        new = history.column_type(column.typeName)
+        old = self.schema.type_of(_table(relation), command.name)
+        if column.collClause is not None:
+            detail = f"to {new or 'a new type'} with a new collation (its indexes are rebuilt)"
+        elif old is None:
+            detail = (
+                f"to {new or 'a new type'}, from a type lint does not know (no revision it "
+                "read gives it), so it may not be binary-compatible"
+            )
+        elif new is None:
+            detail = f"from {old} to a type lint cannot judge"
+        elif not _plain_using(column.raw_default, command.name, new):
+            detail = f"from {old} to {new} with a USING expression"
+        elif not history.rewrites(old, new):
+            return  # binary-compatible: a catalog change, checked against the server
+        else:
+            detail = f"from {old} to {new}"
+        self._on_table(
+            "column-type-change", statement, relation, column=command.name, detail=detail
+        )
 
     def _set_not_null(self, statement: _Statement, relation: Any, command: Any) -> None:
         checks = self.checks.get(_table(relation), {}).values()
@@ -770,6 +988,13 @@ class _Checker:
         node = statement.node
         if node.concurrent:
             self._concurrently(statement, "DROP INDEX CONCURRENTLY")
+        elif node.removeType == ObjectType.OBJECT_INDEX:
+            for names in node.objects or ():
+                parts = [part.sval for part in names]
+                index = ast.RangeVar(
+                    schemaname=parts[-2] if len(parts) > 1 else None, relname=parts[-1]
+                )
+                self._on_index("drop-index-not-concurrent", statement, index)
         if node.removeType != ObjectType.OBJECT_TABLE:
             return
         for names in node.objects or ():
@@ -792,18 +1017,21 @@ class _Checker:
         self._on_table("cluster", statement, statement.node.relation)
 
     def _lock(self, statement: _Statement) -> None:
-        if statement.node.mode < _SHARE:
-            return  # up to SHARE UPDATE EXCLUSIVE, the application's reads and writes go on
-        mode = _LOCK_MODES[statement.node.mode]
-        for relation in statement.node.relations or ():
-            if not self._is_new(relation):
+        for lock in locks.statement_locks(statement.node).locks:
+            # Up to SHARE UPDATE EXCLUSIVE, the application's reads and writes go on.
+            relation = ast.RangeVar(schemaname=lock.schema, relname=lock.table)
+            if locks.queues_app(lock.mode) and not self._is_new(relation):
                 self._report(
-                    "lock-table", statement.text, table=_name(relation), detail=mode, lock=mode
+                    "lock-table",
+                    statement.text,
+                    table=_name(relation),
+                    detail=lock.mode,
+                    lock=lock.mode,
                 )
 
 
-def _checked_statements(sql: str) -> Iterator[tuple[int, str]]:
-    """The offset and text of each statement of a type some rule looks at, in order.
+def _checked_statements(sql: str) -> Iterator[tuple[int, str, str]]:
+    """The offset, node type and text of each statement of a type some rule looks at, in order.
 
     The parser's JSON output finds them: building pglast's Python tree for every statement
     (each INSERT, UPDATE, version-table write) would cost about as much as rendering them.
@@ -819,16 +1047,27 @@ def _checked_statements(sql: str) -> Iterator[tuple[int, str]]:
         if kind in _CHECKED_STATEMENTS or (kind == "SelectStmt" and "intoClause" in node):
             start = raw.get("stmt_location", 0)
             stop = start + raw["stmt_len"] if raw.get("stmt_len") else len(encoded)
-            yield len(encoded[:start].decode()), encoded[start:stop].decode()
+            yield len(encoded[:start].decode()), kind, encoded[start:stop].decode()
 
 
-def _checked_statements_deep(sql: str) -> Iterator[tuple[int, str]]:
+def _checked_statements_deep(sql: str) -> Iterator[tuple[int, str, str]]:
     """_checked_statements through pglast's tree, which it builds without Python recursion."""
     for raw in pglast.parse_sql(sql):
         kind = type(raw.stmt).__name__
         if kind in _CHECKED_STATEMENTS or getattr(raw.stmt, "intoClause", None) is not None:
             start = raw.stmt_location or 0  # pglast's tree counts characters
-            yield start, sql[start : start + raw.stmt_len if raw.stmt_len else len(sql)]
+            yield start, kind, sql[start : start + raw.stmt_len if raw.stmt_len else len(sql)]
+
+
+def _plain_using(expression: Any, column: str, new: history.ColumnType) -> bool:
+    """No USING, or one that only names the column (`USING c`, or `USING c::<the new type>`)."""
+    if isinstance(expression, ast.TypeCast):
+        if history.column_type(expression.typeName) != new:
+            return False
+        expression = expression.arg
+    return expression is None or (
+        isinstance(expression, ast.ColumnRef) and _column(expression) == column
+    )
 
 
 def _option_on(options: Any, name: str) -> bool:

@@ -14,8 +14,10 @@ each service is the process tini started (the entrypoint and prosaas-migrate exe
 a rollback deploy starts; a deploy whose new revision fails leaves the api Exited (1) after its
 restart policy's 5 retries, the README's recovery commands (`compose run --rm --entrypoint
 prosaas-migrate prosaas-api status`, `... lint`) report it without running the migration (here
-with `--no-deps`: the host's PostgreSQL stands in for db), and the fixed image migrates to head;
-nothing is left after `compose down`. Where no engine can be started it says why and fails.
+with `--no-deps`: the host's PostgreSQL stands in for db), as does `plan` run from the new
+image (and `compose exec worker prosaas-migrate plan` in a running container says nothing is
+pending), and the fixed image migrates to head; nothing is left after `compose down`. Where
+no engine can be started it says why and fails.
 """
 
 from __future__ import annotations
@@ -355,6 +357,12 @@ def check(engine: Engine, compose_: Compose, database_url: str) -> None:
         raise SmokeFailure(f"schema not at head: {row}")
     say("one migrator, schema at head 0003, worker and calls never touched the lock")
     check_secrets(engine, compose_, logs, database_url)
+    # The README's `docker compose exec worker prosaas-migrate plan`, from a shell in a running
+    # container that never migrates: it reads its URL from the secret, as the service did.
+    plan = compose_.exits("exec", "-T", "worker", "prosaas-migrate", "plan")
+    if plan.returncode != 0 or "nothing to run: the database is at head" not in plan.stdout:
+        raise SmokeFailure(f"exec worker plan: {plan.returncode}\n{plan.stdout}{plan.stderr}")
+    say("compose exec worker prosaas-migrate plan: exit 0, nothing to run")
 
     ids = {row["Service"]: row["ID"] for row in compose_.containers()}
     for name in APP_SERVICES:
@@ -488,8 +496,25 @@ def failed_migration(engine: Engine, work: Path, overrides: list[Path], database
             raise SmokeFailure(f"a recovery command ran the migration:\n{said}")
     if lint.returncode != 1 or "index-not-concurrent" not in lint.stdout + lint.stderr:
         raise SmokeFailure(f"lint: {lint.returncode}\n{lint.stdout}{lint.stderr}")
+    # The README's way to ask a new release what it will run: plan from that image.
+    plan = broken.exits(
+        "run", "--rm", "--no-deps", "--entrypoint", "prosaas-migrate", "worker", "plan", "--json"
+    )  # fmt: skip
+    planned = json.loads(plan.stdout) if plan.stdout.startswith("{") else {}
+    statements = [s for r in planned.get("revisions", ()) for s in r["statements"]]
+    if plan.returncode != 1 or [r["revision"] for r in planned["revisions"]] != ["0004"]:
+        raise SmokeFailure(f"plan from the new image: {plan.returncode}\n{plan.stdout}")
+    lock = statements[0]["locks"][0]
+    if (lock["mode"], lock["table"], lock["table_state"]) != ("SHARE", "leads", "existing"):
+        raise SmokeFailure(f"plan: the index's lock on leads is not shown: {statements}")
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+        index = conn.execute("SELECT count(*) FROM pg_class WHERE relname = 'ix_leads_score'")
+        indexes = index.fetchone()
     if row != ("0003",) or indexes != (0,):
         raise SmokeFailure(f"the recovery commands changed the database: {row}, {indexes}")
+    say("plan from the new image (compose run --entrypoint prosaas-migrate worker plan): "
+        f"exit 1, 0004 pending, {lock['mode']} on leads ({lock['bytes']} bytes)")  # fmt: skip
     say("recovery: compose run --rm --entrypoint prosaas-migrate prosaas-api status --check "
         "exits 1 (0004 pending), lint names the revision, nothing migrated")  # fmt: skip
 

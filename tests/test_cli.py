@@ -81,15 +81,23 @@ def test_run_help_lists_every_setting_and_exit_code_from_the_tables() -> None:
         assert f"{int(code)} {words(meaning)}" in text
 
 
-def test_status_help_lists_the_check_codes() -> None:
-    result = CliRunner().invoke(main, ["status", "--help"], terminal_width=100)
+@pytest.mark.parametrize("command", ["status", "plan"])
+def test_status_and_plan_help_list_the_check_codes(command: str) -> None:
+    result = CliRunner().invoke(main, [command, "--help"], terminal_width=100)
     text = words(result.output)
     for code, meaning in CHECK_MEANINGS.items():
         assert f"{int(code)} {words(meaning)}" in text
 
 
 @pytest.mark.parametrize(
-    "args", [["--help"], ["run", "--help"], ["status", "--help"], ["worker-trace", "--help"]]
+    "args",
+    [
+        ["--help"],
+        ["run", "--help"],
+        ["status", "--help"],
+        ["plan", "--help"],
+        ["worker-trace", "--help"],
+    ],
 )
 def test_help_never_reads_dotenv(tmp_path: Path, args: list[str]) -> None:
     (tmp_path / ".env").write_bytes(b"RUN_MIGRATIONS=\xff\n")  # not UTF-8

@@ -16,11 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pglast
 import psycopg
 import pytest
 from click.testing import CliRunner
 
-from prosaas_migrate import lint, offline, revisions
+from prosaas_migrate import lint, locks, offline, revisions
 from prosaas_migrate.cli import main
 from prosaas_migrate.errors import ConfigError
 from tests import project
@@ -105,6 +106,39 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
             "sql",
             'op.execute("CREATE UNIQUE INDEX ix_t_b ON t (b)")',
             f'{BLOCK}    op.execute("CREATE UNIQUE INDEX CONCURRENTLY ix_t_b ON t (b)")',
+        ),
+    ],
+    "reindex-not-concurrent": [
+        (
+            "sql",
+            'op.execute("REINDEX INDEX ix_t_a")',
+            f'{BLOCK}    op.execute("REINDEX INDEX CONCURRENTLY ix_t_a")',
+        ),
+        (
+            "sql-table",
+            'op.execute("REINDEX TABLE public.t")',
+            f'{BLOCK}    op.execute("REINDEX (CONCURRENTLY) TABLE t")',
+        ),
+        (
+            # An index of a table created in the same revision, or created in it itself.
+            "sql-new",
+            'op.execute("REINDEX (VERBOSE) INDEX ix_t_a")',
+            'op.create_table("fresh", sa.Column("id", sa.Integer))\n'
+            'op.create_index("ix_fresh", "fresh", ["id"])\n'
+            'op.execute("REINDEX INDEX ix_fresh")\nop.execute("REINDEX TABLE fresh")',
+        ),
+    ],
+    "drop-index-not-concurrent": [
+        (
+            "op",
+            'op.drop_index("ix_t_a", table_name="t")',
+            f'{BLOCK}    op.drop_index("ix_t_a", table_name="t", postgresql_concurrently=True)',
+        ),
+        (
+            "sql",
+            'op.execute("DROP INDEX IF EXISTS ix_t_a")',
+            'op.create_table("fresh", sa.Column("id", sa.Integer))\n'
+            'op.create_index("ix_fresh", "fresh", ["id"])\nop.execute("DROP INDEX ix_fresh")',
         ),
     ],
     "concurrently-in-transaction": [
@@ -329,6 +363,35 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
         ),
         ("sql-default-mode", 'op.execute("LOCK t")', 'op.execute("SELECT 1")'),
     ],
+    "backfill-under-lock": [
+        (
+            "op",
+            'op.add_column("t", sa.Column("c", sa.Integer))\n'
+            'op.execute(sa.table("t", sa.column("c", sa.Integer)).update().values(c=0))',
+            'op.add_column("t", sa.Column("c", sa.Integer))\n'
+            f"{BLOCK}    op.execute(sa.table('t', sa.column('c', sa.Integer))"
+            ".update().values(c=0))",
+        ),
+        (
+            "sql",
+            'op.execute("ALTER TABLE t ADD COLUMN c int")\n'
+            'op.execute("UPDATE t SET c = a WHERE c IS NULL")',
+            # INSERT ... VALUES is seed data, not a backfill; new tables are nobody's yet.
+            'op.execute("ALTER TABLE t ADD COLUMN c int")\n'
+            'op.execute("INSERT INTO t (id, b) VALUES (1, 1)")\n'
+            'op.execute("CREATE TABLE fresh (id int)")\n'
+            'op.execute("CREATE INDEX ix_fresh ON fresh (id)")\n'
+            'op.execute("INSERT INTO fresh SELECT id FROM u")',
+        ),
+        (
+            "sql-insert-select",
+            # CREATE TRIGGER holds SHARE ROW EXCLUSIVE on t; INSERT before it is not under it.
+            'op.execute("CREATE TRIGGER tr BEFORE INSERT ON t EXECUTE FUNCTION f()")\n'
+            'op.execute("INSERT INTO t (id, b) SELECT id, id FROM u")',
+            'op.execute("INSERT INTO t (id, b) SELECT id, id FROM u")\n'
+            'op.execute("CREATE TRIGGER tr BEFORE INSERT ON t EXECUTE FUNCTION f()")',
+        ),
+    ],
     "syntax-error": [
         (
             "sql",
@@ -347,7 +410,13 @@ def test_every_rule_has_cases() -> None:
         table_rule = lint.RULES[rule].lock is not None
         styles = {style.split("-")[0] for style, _, _ in cases}
         # An Alembic op.* call and raw SQL for every rule that Alembic has an operation for.
-        no_op_for_it = {"vacuum-full", "cluster", "lock-table", "syntax-error"}
+        no_op_for_it = {
+            "vacuum-full",
+            "cluster",
+            "lock-table",
+            "syntax-error",
+            "reindex-not-concurrent",
+        }
         assert styles == ({"sql"} if rule in no_op_for_it else {"op", "sql"}), rule
         assert table_rule or rule in {"concurrently-in-transaction", "syntax-error"}
 
@@ -371,7 +440,8 @@ def test_rule_fires_and_its_safe_twin_does_not(
     assert {(f.revision, f.rule) for f in report.findings} == {("r002", rule)}
     finding = report.findings[0]
     assert finding.file == str(Path("migrations/versions/r002.py"))
-    assert finding.lock == lint.RULES[rule].lock or rule == "lock-table"
+    # lock-table and backfill-under-lock name the mode the SQL takes or holds.
+    assert finding.lock == lint.RULES[rule].lock or rule in ("lock-table", "backfill-under-lock")
     assert finding.statement and finding.message and finding.hint
     assert "--" not in finding.statement  # Alembic's "-- Running upgrade" comment is not SQL
 
@@ -1107,6 +1177,8 @@ def test_the_real_command_needs_no_database_and_connects_to_none(
 LOCK_EXAMPLES = {
     # rule: (statement, the tables it locks)
     "index-not-concurrent": ("CREATE INDEX ix_t_b ON t (b)", ["t"]),
+    "reindex-not-concurrent": ("REINDEX TABLE t", ["t"]),
+    "drop-index-not-concurrent": ("DROP INDEX ix_t_a", ["t"]),
     "volatile-default": ("ALTER TABLE t ADD COLUMN r float DEFAULT random()", ["t"]),
     "column-type-change": ("ALTER TABLE t ALTER COLUMN a TYPE bigint", ["t"]),
     "set-not-null": ("ALTER TABLE t ALTER COLUMN a SET NOT NULL", ["t"]),
@@ -1152,7 +1224,26 @@ def schema(url: str, rows: int = 10) -> None:
 
 def test_every_table_rule_has_a_lock_example() -> None:
     table_rules = {name for name, rule in lint.RULES.items() if rule.lock is not None}
-    assert set(LOCK_EXAMPLES) | {"vacuum-full"} == table_rules  # VACUUM: no transaction
+    # VACUUM: no transaction; a backfill is two statements (test_a_backfill_under_a_lock_...).
+    assert set(LOCK_EXAMPLES) | {"vacuum-full", "backfill-under-lock"} == table_rules
+
+
+@pytest.mark.parametrize("rule", sorted(LOCK_EXAMPLES))
+def test_the_lock_each_rule_names_is_the_lock_tables(rule: str) -> None:
+    """A rule's `lock` documents what prosaas_migrate.locks says its example statement takes."""
+    statement, tables = LOCK_EXAMPLES[rule]
+    (raw,) = pglast.parse_sql(statement)
+    assert raw.stmt is not None
+    taken = locks.statement_locks(raw.stmt)
+    modes = {
+        INDEX_TABLES.get(lock.table, lock.table): lock.mode
+        for lock in taken.locks
+        if lock.relkind in (locks.TABLE, locks.TABLE_OF_INDEX)
+    }
+    assert modes == dict.fromkeys(tables, lint.RULES[rule].lock)
+
+
+INDEX_TABLES = {"ix_t_a": "t"}  # the schema's indexes and their tables
 
 
 @pytest.mark.parametrize("rule", sorted(LOCK_EXAMPLES))
@@ -1251,7 +1342,9 @@ def test_the_rules_report_what_the_server_does_with_a_finding_it_names(db_url: s
         conn.rollback()
         conn.execute("REINDEX (CONCURRENTLY false) INDEX ix_t_a")
         conn.rollback()
-        assert rules_of("BEGIN; REINDEX (CONCURRENTLY false) INDEX ix_t_a") == []
+        assert rules_of("BEGIN; REINDEX (CONCURRENTLY false) INDEX ix_t_a") == [
+            "reindex-not-concurrent"
+        ]
         assert rules_of("BEGIN; REINDEX (CONCURRENTLY) INDEX ix_t_a") == [
             "concurrently-in-transaction"
         ]
@@ -1320,10 +1413,10 @@ def test_the_readmes_safe_recipe_for_not_null_is_not_reported(tmp_path: Path) ->
         'op.alter_column("t", "a", nullable=False)\nop.drop_constraint("ck_a", "t", "check")',
     )
     assert rules(lint_at(root)) == []
-    # From r003 on, the check was added before the revisions checked: lint cannot see it.
-    report = lint_at(root, since="r003")
-    assert rules(report) == [("r004", "set-not-null")]
-    assert "before --since" in report.findings[0].hint
+    # From r003 on, the check was added before the revisions checked: the replayed history
+    # still knows it.
+    assert rules(lint_at(root, since="r003")) == []
+    assert rules(lint_at(root, since="r002")) == []
 
 
 @pytest.mark.parametrize(
@@ -1557,3 +1650,131 @@ def test_an_unreadable_dotenv_is_one_line_exit_2(app: Path) -> None:
     assert result.stdout == ""
     assert result.stderr.strip().count("\n") == 0
     assert "cannot read " in result.stderr and ".env" in result.stderr
+
+
+# -- backfills under a held lock ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("per_migration", [False, True], ids=["one-transaction", "per-migration"])
+def test_a_backfill_is_judged_by_the_locks_its_transaction_holds(
+    tmp_path: Path, per_migration: bool
+) -> None:
+    root = new_project(tmp_path)
+    if per_migration:
+        env = root / "migrations" / "env.py"
+        env.write_text(env.read_text().replace(PER_MIGRATION_ANCHOR, PER_MIGRATION, 1))
+    write_revision(root, "r002", "r001", 'op.add_column("t", sa.Column("c", sa.Integer))')
+    write_revision(root, "r003", "r002", 'op.execute("UPDATE t SET c = a")')
+    # A schema change in an autocommit_block has committed before the backfill after it.
+    write_revision(
+        root,
+        "r004",
+        "r003",
+        BLOCK
+        + '    op.execute("ALTER TABLE u ADD COLUMN d int")\nop.execute("UPDATE u SET d = 0")',
+    )
+    report = lint_at(root)
+    if per_migration:  # each revision commits: r003 starts with no lock held
+        assert rules(report) == []
+        return
+    assert rules(report) == [("r003", "backfill-under-lock")]
+    (finding,) = report.findings
+    assert finding.lock == "ACCESS EXCLUSIVE" and finding.table == "t"
+    assert "taken by ALTER TABLE ADD COLUMN in revision r002" in finding.message
+    # --since r002: the database is at r002, so the upgrade's transaction holds nothing yet.
+    assert rules(lint_at(root, since="r002")) == []
+
+
+def test_a_plain_reindex_stops_reads_too_as_its_message_says(db_url: str) -> None:
+    schema(db_url)
+    with psycopg.connect(db_url) as reindex, psycopg.connect(db_url) as app:
+        app.execute("SET lock_timeout = '100ms'")
+        app.commit()
+        for statement in ("REINDEX INDEX ix_t_a", "REINDEX TABLE t", "DROP INDEX ix_t_a"):
+            reindex.execute(statement)
+            for query_ in ("SELECT * FROM t WHERE id = 1", "INSERT INTO t (id, b) VALUES (0, 0)"):
+                with pytest.raises(psycopg.errors.LockNotAvailable):
+                    app.execute(query_)
+                app.rollback()
+            reindex.rollback()
+    assert "every query that plans on the table" in lint.RULES["reindex-not-concurrent"].why
+
+
+# -- type changes judged against the history ---------------------------------------------------
+
+HISTORY = [
+    # (revision body, the findings it must give)
+    (
+        'op.create_table("people", sa.Column("id", sa.Integer), sa.Column("name", '
+        'sa.String(50)), sa.Column("bio", sa.Text), sa.Column("code", sa.String(10)))',
+        [],
+    ),
+    ('op.alter_column("people", "name", type_=sa.String(100))', []),
+    ('op.alter_column("people", "name", new_column_name="full_name")', ["rename-column"]),
+    ('op.alter_column("people", "full_name", type_=sa.Text)', []),
+    ('op.rename_table("people", "persons")', ["rename-table"]),
+    ('op.alter_column("persons", "full_name", type_=sa.String(20))', ["column-type-change"]),
+    (
+        'op.drop_column("persons", "bio")\nop.add_column("persons", sa.Column("bio", sa.Integer))',
+        ["drop-column"],
+    ),
+    ('op.alter_column("persons", "bio", type_=sa.BigInteger)', ["column-type-change"]),
+    ('op.drop_table("persons")', ["drop-table"]),
+    (
+        'op.create_table("persons", sa.Column("id", sa.Integer), sa.Column("full_name", sa.Text))',
+        [],
+    ),
+    ('op.alter_column("persons", "full_name", type_=sa.String())', []),
+    ('op.alter_column("persons", "code", type_=sa.Text)', ["column-type-change"]),
+    ('op.execute("ALTER TABLE legacy ALTER COLUMN x TYPE text")', ["column-type-change"]),
+    ('op.add_column("t", sa.Column("price", sa.Numeric(10, 2)))', []),
+    ('op.alter_column("t", "price", type_=sa.Numeric(14, 2))', []),
+    (
+        'op.execute("ALTER TABLE t ALTER COLUMN price TYPE numeric(14, 2) USING price + 0")',
+        ["column-type-change"],
+    ),
+    ('op.execute("ALTER TABLE t ALTER COLUMN price TYPE numeric USING price::numeric")', []),
+    ('op.execute("ALTER TABLE persons RENAME full_name TO name")', ["rename-column"]),
+    ('op.alter_column("persons", "name", type_=sa.String(20))', ["column-type-change"]),
+    ('op.alter_column("persons", "name", type_=sa.String(30))', []),
+]
+# Many tables, each renamed and widened, to make the history long (and the replay's cost real).
+for n in range(15):
+    HISTORY += [
+        (f'op.create_table("h{n}", sa.Column("v", sa.String(10)))', []),
+        (f'op.rename_table("h{n}", "k{n}")', ["rename-table"]),
+        (f'op.alter_column("k{n}", "v", type_=sa.String(20))', []),
+        (f'op.alter_column("k{n}", "v", type_=sa.Integer)', ["column-type-change"]),
+    ]
+
+
+def history_project(root: Path) -> list[tuple[str, str]]:
+    new_project(root)
+    expected: list[tuple[str, str]] = []
+    down = "r001"
+    for n, (body, found) in enumerate(HISTORY, start=2):
+        revision = f"r{n:03d}"
+        write_revision(root, revision, down, body)
+        expected += [(revision, rule) for rule in found]
+        down = revision
+    return expected
+
+
+def test_type_changes_are_judged_against_the_replayed_history(tmp_path: Path) -> None:
+    expected = history_project(tmp_path)
+    report = lint_at(tmp_path)
+    assert report.revisions_checked == len(HISTORY) + 1
+    assert rules(report) == expected
+    messages = {f.revision: f.message for f in report.findings if f.rule == "column-type-change"}
+    assert "persons.full_name from text to varchar(20):" in messages["r007"]
+    assert "persons.bio from integer to bigint:" in messages["r009"]
+    assert "persons.code to text, from a type lint does not know" in messages["r013"]
+    assert "legacy.x to text, from a type lint does not know" in messages["r014"]
+    assert "from numeric(14, 2) to numeric(14, 2) with a USING expression" in messages["r017"]
+    assert "persons.name from varchar to varchar(20):" in messages["r020"]
+    assert "k0.v from varchar(20) to integer:" in messages["r025"]
+
+    # --since: the revisions before it are replayed (renames, drops and all), not reported.
+    for since in ("r006", "r012", "r020"):
+        after = [(revision, rule) for revision, rule in expected if revision > since]
+        assert rules(lint_at(tmp_path, since=since)) == after, since
