@@ -610,7 +610,7 @@ class _Checker:
         return None
 
     def _statements(self, sql: str) -> Iterator[_Statement]:
-        texts: list[tuple[str | None, str]]
+        texts: list[tuple[str | None, str, frozenset[_Table] | None]]
         try:
             texts = list(_checked_statements(sql))
         except ParseError as exc:
@@ -619,9 +619,11 @@ class _Checker:
                 self._report("syntax-error", _around(sql, location), detail=message)
             # Check what does parse: each statement the scanner can split out, on its own.
             pieces = split(sql, with_parser=False, only_slices=True)
-            texts = [(None, sql[piece]) for piece in pieces]
-        for kind, text in texts:
-            if kind in _DML and not self.held:
+            texts = [(None, sql[piece], None) for piece in pieces]
+        for kind, text, tables in texts:
+            if kind in _DML and (
+                not self.held or (tables is not None and not tables & self.held.keys())
+            ):
                 continue  # no backfill-under-lock possible: not worth a parse
             try:
                 parsed = pglast.parse_sql(text)
@@ -970,8 +972,13 @@ class _Checker:
                 )
 
 
-def _checked_statements(sql: str) -> Iterator[tuple[str, str]]:
-    """The node type and text of each statement of a type some rule looks at, in order.
+_Checked = tuple[str, str, "frozenset[_Table] | None"]
+
+
+def _checked_statements(sql: str) -> Iterator[_Checked]:
+    """The node type and text of each statement of a type some rule looks at, in order, and
+    for DML every table it names (None: not known), so that a DML statement on tables no lock
+    is held on needs no tree.
 
     The parser's JSON output finds them: building pglast's Python tree for every statement
     (each INSERT, UPDATE, version-table write) would cost about as much as rendering them.
@@ -987,16 +994,32 @@ def _checked_statements(sql: str) -> Iterator[tuple[str, str]]:
         if kind in _CHECKED_STATEMENTS or (kind == "SelectStmt" and "intoClause" in node):
             start = raw.get("stmt_location", 0)
             stop = start + raw["stmt_len"] if raw.get("stmt_len") else len(encoded)
-            yield kind, encoded[start:stop].decode()
+            tables = _json_tables(node) if kind in _DML else None
+            yield kind, encoded[start:stop].decode(), tables
 
 
-def _checked_statements_deep(sql: str) -> Iterator[tuple[str, str]]:
+def _json_tables(tree: Any) -> frozenset[_Table]:
+    """Every name of the parser's JSON tree that a RangeVar (the only node with relname) gives."""
+    found = set()
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "relname" in node:
+                found.add((node.get("schemaname") or _DEFAULT_SCHEMA, node["relname"]))
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return frozenset(found)
+
+
+def _checked_statements_deep(sql: str) -> Iterator[_Checked]:
     """_checked_statements through pglast's tree, which it builds without Python recursion."""
     for raw in pglast.parse_sql(sql):
         kind = type(raw.stmt).__name__
         if kind in _CHECKED_STATEMENTS or getattr(raw.stmt, "intoClause", None) is not None:
             start = raw.stmt_location or 0
-            yield kind, sql[start : start + raw.stmt_len if raw.stmt_len else len(sql)]
+            yield kind, sql[start : start + raw.stmt_len if raw.stmt_len else len(sql)], None
 
 
 def _plain_using(expression: Any, column: str, new: history.ColumnType) -> bool:
