@@ -764,11 +764,8 @@ class _Checker:
             if held is None or table in self.created:
                 continue
             mode, by, revision = held
-            where = (
-                "this revision"
-                if revision == getattr(self.revision, "revision", None)
-                else (f"revision {revision}")
-            )
+            current = self.revision.revision if self.revision is not None else None
+            where = "this revision" if revision == current else f"revision {revision}"
             shown = lock.table if lock.schema is None else f"{lock.schema}.{lock.table}"
             self._report(
                 "backfill-under-lock",
