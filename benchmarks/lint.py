@@ -89,7 +89,7 @@ def bench_lint(work: Path, rounds: int) -> None:
     env = clean_env()
     compare(
         f"lint on {REVISIONS:,} revisions vs alembic upgrade base:heads --sql",
-        "<= 1.3x",
+        "<= 1.0x",
         lambda: timed_any([str(BIN), "lint"], env, app, expect=1),
         lambda: timed_any([str(ALEMBIC), "upgrade", "base:heads", "--sql"], env, app, expect=0),
         max(3, rounds // 3),

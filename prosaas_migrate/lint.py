@@ -666,7 +666,7 @@ class _Checker:
 
     def _statements(self, chunk: offline.Chunk) -> Iterator[_Statement]:
         sql = chunk.sql
-        texts: list[tuple[int, str | None, str]]
+        texts: list[_Checked]
         try:
             texts = list(_checked_statements(sql))
         except ParseError as exc:
@@ -675,9 +675,11 @@ class _Checker:
                 self._report("syntax-error", _around(sql, location), detail=message)
             # Check what does parse: each statement the scanner can split out, on its own.
             pieces = split(sql, with_parser=False, only_slices=True)
-            texts = [(piece.start, None, sql[piece]) for piece in pieces]
-        for offset, kind, text in texts:
-            if kind in _DML and not self.held:
+            texts = [(piece.start, None, sql[piece], None) for piece in pieces]
+        for offset, kind, text, tables in texts:
+            if kind in _DML and (
+                not self.held or (tables is not None and not tables & self.held.keys())
+            ):
                 continue  # no backfill-under-lock possible: not worth a parse
             try:
                 parsed = pglast.parse_sql(text)
@@ -822,11 +824,8 @@ class _Checker:
             if held is None or table in self.created:
                 continue
             mode, by, revision = held
-            where = (
-                "this revision"
-                if revision == getattr(self.revision, "revision", None)
-                else (f"revision {revision}")
-            )
+            current = self.revision.revision if self.revision is not None else None
+            where = "this revision" if revision == current else f"revision {revision}"
             shown = lock.table if lock.schema is None else f"{lock.schema}.{lock.table}"
             self._report(
                 "backfill-under-lock",
@@ -1030,8 +1029,13 @@ class _Checker:
                 )
 
 
-def _checked_statements(sql: str) -> Iterator[tuple[int, str, str]]:
-    """The offset, node type and text of each statement of a type some rule looks at, in order.
+_Checked = tuple[int, "str | None", str, "frozenset[_Table] | None"]
+
+
+def _checked_statements(sql: str) -> Iterator[_Checked]:
+    """The offset, node type and text of each statement of a type some rule looks at, in
+    order, and for DML every table it names (None: not known), so that a DML statement on
+    tables no lock is held on needs no tree.
 
     The parser's JSON output finds them: building pglast's Python tree for every statement
     (each INSERT, UPDATE, version-table write) would cost about as much as rendering them.
@@ -1047,16 +1051,33 @@ def _checked_statements(sql: str) -> Iterator[tuple[int, str, str]]:
         if kind in _CHECKED_STATEMENTS or (kind == "SelectStmt" and "intoClause" in node):
             start = raw.get("stmt_location", 0)
             stop = start + raw["stmt_len"] if raw.get("stmt_len") else len(encoded)
-            yield len(encoded[:start].decode()), kind, encoded[start:stop].decode()
+            tables = _json_tables(node) if kind in _DML else None
+            yield len(encoded[:start].decode()), kind, encoded[start:stop].decode(), tables
 
 
-def _checked_statements_deep(sql: str) -> Iterator[tuple[int, str, str]]:
+def _json_tables(tree: Any) -> frozenset[_Table]:
+    """Every name of the parser's JSON tree that a RangeVar (the only node with relname) gives."""
+    found = set()
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "relname" in node:
+                found.add((node.get("schemaname") or _DEFAULT_SCHEMA, node["relname"]))
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return frozenset(found)
+
+
+def _checked_statements_deep(sql: str) -> Iterator[_Checked]:
     """_checked_statements through pglast's tree, which it builds without Python recursion."""
     for raw in pglast.parse_sql(sql):
         kind = type(raw.stmt).__name__
         if kind in _CHECKED_STATEMENTS or getattr(raw.stmt, "intoClause", None) is not None:
             start = raw.stmt_location or 0  # pglast's tree counts characters
-            yield start, kind, sql[start : start + raw.stmt_len if raw.stmt_len else len(sql)]
+            text = sql[start : start + raw.stmt_len if raw.stmt_len else len(sql)]
+            yield start, kind, text, None
 
 
 def _plain_using(expression: Any, column: str, new: history.ColumnType) -> bool:
