@@ -88,6 +88,11 @@ class _RunCommand(click.Command):
     """`run`, whose help lists every setting and exit code from the tables in the code: the
     README is not in the image, so inside a container this is where a user looks."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # click consumes `--`; what follows it is the service, even when it starts with a dash.
+        ctx.meta["after_dashdash"] = args[args.index("--") + 1 :] if "--" in args else None
+        return super().parse_args(ctx, args)
+
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [
             (s.name, f"{_plain(s.meaning)} [default: {s.default or 'unset'}]")
@@ -139,8 +144,9 @@ def run(config_path: str | None, command: tuple[str, ...]) -> NoReturn:
         RUN_MIGRATIONS=1 DATABASE_URL=postgresql://app@db/app \\
             prosaas-migrate run -- gunicorn app:app
     """
-    if command and command[0].startswith("-"):
-        # Unknown options land in COMMAND; no service's name starts with a dash.
+    after_dashdash = click.get_current_context().meta.get("after_dashdash")
+    if command and command[0].startswith("-") and list(command) != after_dashdash:
+        # Unknown options land in COMMAND; after `--` a dash is the service's own business.
         message = f"no such option: {command[0]} (put the service after --)"
         with suppress(MigrateError):
             if config.log_format(os.environ) == "json":  # then every line is JSON, this too
