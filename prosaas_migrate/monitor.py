@@ -209,6 +209,8 @@ class Monitor:
             if wait_type:
                 waiting = f"{wait_type}:{wait_event}"
             progress = _progress(row[4:])
+        if self._stop.is_set() or self.watch.revision != revision:
+            return  # the revision ended while we asked: a line now would follow its outcome
         logs.revision_progress(
             revision,
             elapsed,

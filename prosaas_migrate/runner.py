@@ -391,6 +391,10 @@ def _upgrade_under_lock(
                     [b.as_dict() for b in blockers[:10]],
                 )
                 time.sleep(delay)
+        # The upgrade is over: nothing is running any more, so the monitor has nothing left to
+        # report, and no progress line may follow the outcome.
+        watch.running(None, clock())
+        monitor.stop()
         try:
             with database.answering_within(30):
                 now = reader.committed(conn, done.states)

@@ -35,3 +35,20 @@ def test_a_dash_service_after_dashdash_with_options_before_it(tmp_path: Path) ->
     (tmp_path / "alembic.ini").write_text("[alembic]\nscript_location = migrations\n")
     result = cli(["run", "--config", "alembic.ini", "--", "-x"], {}, tmp_path)
     assert result.returncode == 127, result.stderr
+
+
+def test_no_progress_line_follows_the_outcome(tmp_path: Path, db_url: str) -> None:
+    """The monitor reports a running revision every 5 s; once the upgrade is over it says
+    nothing more: it is stopped before the outcome is logged."""
+    import json
+
+    from tests import project
+
+    project.create(tmp_path, project.linear(2, slow_seconds=5.6))
+    env = {"RUN_MIGRATIONS": "1", "DATABASE_URL": db_url, "MIGRATION_LOG_FORMAT": "json"}
+    result = cli(["run"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line)["event"] for line in result.stderr.splitlines() if line]
+    assert "revision_progress" in events  # the guard: the monitor did report
+    done = events.index("migrations_complete")
+    assert "revision_progress" not in events[done:]
