@@ -168,10 +168,36 @@ def releasing(conn: psycopg.Connection[Any], key: int) -> Iterator[None]:
         else:
             _release_reporting_loss(conn, key)
         raise
-    except BaseException:
-        _release_reporting_loss(conn, key)
+    except BaseException as exc:
+        if _connection_lost(exc):
+            # The server went away (a crash, a restart, the network): the migration failed for
+            # that, and the lock's session ended with it. One event, reported once, by the
+            # caller, not as a lock lost to another runner besides.
+            try:
+                release(conn, key)
+            except LockLost:
+                logs.lock_released_with_session(key)
+        else:
+            _release_reporting_loss(conn, key)
         raise
     release(conn, key)
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """Whether the error, or what it wraps, is a lost connection (no SQLSTATE: not the server's
+    answer to a statement, such as a cancel or a lock timeout)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, psycopg.OperationalError) and current.sqlstate is None:
+            return True
+        current = (
+            getattr(current, "original", None)
+            or getattr(current, "orig", None)
+            or current.__cause__
+        )
+    return False
 
 
 def _release_reporting_loss(conn: psycopg.Connection[Any], key: int) -> None:

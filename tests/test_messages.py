@@ -52,3 +52,32 @@ def test_no_progress_line_follows_the_outcome(tmp_path: Path, db_url: str) -> No
     assert "revision_progress" in events  # the guard: the monitor did report
     done = events.index("migrations_complete")
     assert "revision_progress" not in events[done:]
+
+
+@pytest.mark.parametrize("env", ["stock", "cookbook"])
+def test_a_server_crash_mid_revision_is_one_verdict(tmp_path: Path, env: str) -> None:
+    """The crash fails the migration and ends the lock's session with it: one event. Before,
+    the stock env.py printed MIGRATION LOCK LOST ("another runner may have migrated") and then
+    MIGRATION FAILED ("nothing of them is in the database")."""
+    from tests import project
+    from tests.conftest import Running
+    from tests.pgcluster import Cluster
+
+    server = Cluster()
+    try:
+        server.start()
+        project.create(tmp_path, project.linear(2, slow_seconds=30), env=env, url=server.url())
+        proc = Running(["run"], {"RUN_MIGRATIONS": "1", "DATABASE_URL": server.url()}, tmp_path)
+        proc.wait_for("Applying revision r001")
+        server.kill()
+        assert proc.finish() == 1, proc.stderr
+    finally:
+        server.destroy()
+    headlines = [line for line in proc.lines if line.startswith("❌")]
+    assert len(headlines) == 1, headlines
+    if env == "stock":  # env.py's own connection failed: the migration's verdict
+        assert headlines[0].startswith("❌ MIGRATION FAILED in revision r001:")
+        assert "released with its session" in proc.stderr
+    else:  # the migration ran on the lock's session: losing it is the verdict
+        assert headlines[0].startswith("❌ MIGRATION LOCK LOST:")
+        assert "nothing of them is in the database" not in proc.stderr
