@@ -105,6 +105,9 @@ LINT_CATEGORIES: dict[str, str] = {
     "vacuum-full": "table-rewrite-command",
     "cluster": "table-rewrite-command",
     "lock-table": "explicit-lock",
+    "drop-index-not-concurrent": "drop-index-not-concurrent",
+    "reindex-not-concurrent": "reindex-not-concurrent",
+    "backfill-under-lock": "backfill-under-lock",
     "offline-render-failed": "unchecked-revision",
     "syntax-error": "syntax-error",
     "unknown-allow": "lint-comment",
@@ -638,9 +641,14 @@ def judge(finding: Finding, revision: Revision | None) -> str:
 # next to each, so a reader can check).
 VERDICTS: dict[tuple[str, str], str] = {
     ("squawk", "require-concurrent-index-deletion"): "TP (lint misses it): DROP INDEX takes "
-    "ACCESS EXCLUSIVE on the table; issue 17 point 1 adds the rule",
+    "ACCESS EXCLUSIVE on the table",
     ("squawk", "require-concurrent-reindex"): "TP (lint misses it): REINDEX holds SHARE on the "
-    "table; issue 17 point 1 adds the rule",
+    "table",
+    ("squawk", "changing-column-type"): "FP: lint's replayed history knows the old type and "
+    "the change is binary-coercible (no rewrite; each such pair is checked on a real server "
+    "in tests/test_history.py)",
+    ("lint", "backfill-under-lock"): "TP (squawk has no such rule): the DML runs while the same "
+    "transaction holds a lock that queues the app on that table (an earlier ALTER TABLE)",
     ("squawk", "ban-drop-not-null"): "FP for a rolling deploy: the old image still writes every "
     "value; only readers that assume NOT NULL can break, once new code writes NULLs",
     ("squawk", "identifier-too-long"): "TP, not a lock hazard: PostgreSQL truncates the name to "

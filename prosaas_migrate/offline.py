@@ -435,7 +435,15 @@ _RESULT_METHODS = frozenset(
 
 
 def _hint(exc: BaseException) -> str | None:
-    """The fix for the two ways revisions written for a live connection fail offline."""
+    """The fix for the ways revisions written for a live connection fail offline."""
+    from sqlalchemy.exc import NoInspectionAvailable
+
+    if isinstance(exc, NoInspectionAvailable):  # sa.inspect(op.get_bind()): nothing to inspect
+        return (
+            "upgrade() inspects the database (sa.inspect(op.get_bind())), which offline is not "
+            "there: branch on context.is_offline_mode() (`from alembic import context`) and "
+            "skip the inspection there, or write the revision for the schema it must find"
+        )
     if not isinstance(exc, AttributeError):
         return None
     if type(exc.obj).__name__ == "MockConnection":  # op.get_bind(), offline: no driver calls

@@ -92,6 +92,10 @@ with op.get_context().autocommit_block():
 READING_THROUGH_THE_BIND = """\
 rows = op.get_bind().execute(sa.text("SELECT count(*) FROM t")).scalar()
 """
+INSPECTING_THROUGH_THE_BIND = """\
+if "c" not in [column["name"] for column in sa.inspect(op.get_bind()).get_columns("t")]:
+    op.add_column("t", sa.Column("c", sa.Integer))
+"""
 
 
 @pytest.mark.parametrize("env", ["stock", "cookbook"])
@@ -99,12 +103,14 @@ def test_the_get_bind_idioms_get_a_hint_that_says_what_to_do(tmp_path: Path, env
     root = new_project(tmp_path, env=env)
     write_revision(root, "r002", "r001", AUTOCOMMIT_THROUGH_THE_BIND)
     write_revision(root, "r003", "r002", READING_THROUGH_THE_BIND)
-    write_revision(root, "r004", "r003", "raise KeyError('other')")
-    autocommit, reading, other = lint_at(root).findings
+    write_revision(root, "r004", "r003", INSPECTING_THROUGH_THE_BIND)
+    write_revision(root, "r005", "r004", "raise KeyError('other')")
+    autocommit, reading, inspecting, other = lint_at(root).findings
     assert autocommit.hint.startswith("op.get_bind() has no exec_driver_sql() offline")
     assert "op.execute(sa.text(...))" in autocommit.hint
     assert "autocommit_block()" in autocommit.hint
     assert "context.is_offline_mode()" in reading.hint
+    assert inspecting.hint.startswith("upgrade() inspects the database (sa.inspect(")
     assert other.hint == lint.RULES["offline-render-failed"].hint  # nothing known: the rule's
 
 
