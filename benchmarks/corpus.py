@@ -40,9 +40,10 @@ from typing import Any
 
 import pglast
 from pglast import ast
-from pglast.parser import ParseError, scan, split
+from pglast.parser import ParseError, split
 
 from benchmarks import corpus_stubs
+from prosaas_migrate import lint
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -367,7 +368,7 @@ def write_sql_files(revisions: Sequence[Revision], folder: Path) -> dict[str, Sq
         parts: list[tuple[str, int | None]] = [("BEGIN", None)] if open_at_start else []
         is_open = open_at_start
         for index, text in enumerate(revision.statements):
-            sql = _sql_only(text).strip().rstrip(";").strip()
+            sql = lint._without_comments(text).strip().rstrip(";").strip()
             if not sql or _VERSION_TABLE.match(normalized(sql)):
                 continue  # Alembic's own table, created before the first revision's SQL
             parts.append((sql, index))
@@ -388,23 +389,8 @@ def write_sql_files(revisions: Sequence[Revision], folder: Path) -> dict[str, Sq
     return files
 
 
-def _sql_only(text: str) -> str:
-    """The statement without its comments (Alembic's `-- Running upgrade ...` line)."""
-    try:
-        tokens = scan(text)
-    except ParseError:
-        return text
-    kept, position = [], 0
-    for token in tokens:
-        if token.name in ("SQL_COMMENT", "C_COMMENT"):
-            kept.append(text[position : token.start] + " ")
-            position = token.end + 1
-    kept.append(text[position:])
-    return "".join(kept)
-
-
 def normalized(text: str) -> str:
-    return " ".join(_sql_only(text).split()).rstrip(";").strip()
+    return " ".join(lint._without_comments(text).split()).rstrip(";").strip()
 
 
 # -- the two tools ---------------------------------------------------------------------------

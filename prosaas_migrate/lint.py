@@ -775,7 +775,7 @@ class _Checker:
 
     def _reindex(self, statement: _Statement) -> None:
         node = statement.node
-        if _option_on(node.params, "concurrently"):
+        if locks.option_on(node.params, "concurrently"):
             self._concurrently(statement, "REINDEX CONCURRENTLY")
         elif node.kind == ReindexObjectType.REINDEX_OBJECT_TABLE:
             self._on_table(
@@ -1006,7 +1006,7 @@ class _Checker:
 
     def _vacuum(self, statement: _Statement) -> None:
         node = statement.node
-        if not node.is_vacuumcmd or not _option_on(node.options, "full"):
+        if not node.is_vacuumcmd or not locks.option_on(node.options, "full"):
             return
         relations = [rel.relation for rel in node.rels or ()] or [None]
         for relation in relations:
@@ -1089,20 +1089,6 @@ def _plain_using(expression: Any, column: str, new: history.ColumnType) -> bool:
     return expression is None or (
         isinstance(expression, ast.ColumnRef) and _column(expression) == column
     )
-
-
-def _option_on(options: Any, name: str) -> bool:
-    """Whether a (name [value]) option is on, read as PostgreSQL's defGetBoolean reads it."""
-    for option in options or ():
-        if option.defname != name:
-            continue
-        value = option.arg
-        if isinstance(value, ast.Integer):
-            return bool(value.ival != 0)
-        if isinstance(value, ast.String):
-            return str(value.sval).lower() not in ("false", "off")
-        return True  # no value: on
-    return False
 
 
 def _rewriting_fill(type_name: str, constraints: dict[Any, Any]) -> str | None:

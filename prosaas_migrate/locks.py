@@ -250,7 +250,7 @@ def _reindex(node: Any) -> StatementLocks:
     stops every SELECT that plans on that table (the planner opens all of a table's indexes).
     CONCURRENTLY: SHARE UPDATE EXCLUSIVE on the table and on the index.
     """
-    concurrent = _option_on(node.params, "concurrently")
+    concurrent = option_on(node.params, "concurrently")
     suffix = " CONCURRENTLY" if concurrent else ""
     if node.kind == ReindexObjectType.REINDEX_OBJECT_TABLE:
         locks = [_lock(node.relation, _S_U_X if concurrent else _S)]
@@ -412,7 +412,7 @@ def _vacuum(node: Any) -> StatementLocks:
 
     Without a table they go through every table, each in a transaction of its own: not listed.
     """
-    full = node.is_vacuumcmd and _option_on(node.options, "full")
+    full = node.is_vacuumcmd and option_on(node.options, "full")
     kind = ("VACUUM FULL" if full else "VACUUM") if node.is_vacuumcmd else "ANALYZE"
     mode = _A_X if full else _S_U_X
     locks = _merged(_lock(rel.relation, mode) for rel in node.rels or ())
@@ -493,7 +493,7 @@ def _no_lock(kind: str) -> Callable[[Any], StatementLocks]:
     return handler
 
 
-def _option_on(options: Any, name: str) -> bool:
+def option_on(options: Any, name: str) -> bool:
     """Whether a (name [value]) option is on, read as PostgreSQL's defGetBoolean reads it."""
     for option in options or ():
         if option.defname != name:
