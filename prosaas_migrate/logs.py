@@ -302,6 +302,24 @@ def ddl_lock_retry(
     )
 
 
+def invalid_index_dropped(revision: str | None, index: str, why: str) -> None:
+    where = f" (revision {revision})" if revision else ""
+    _emit(
+        "invalid_index_dropped",
+        [
+            f"🧹 Dropped the invalid index {index} an earlier failed build left, {why}{where} "
+            "(DROP INDEX CONCURRENTLY)"
+        ],
+        level="warning",
+        revision=revision,
+        index=index,
+    )
+
+
+def invalid_index_cleanup(what: str) -> None:
+    _emit("invalid_index_cleanup", [f"🧹 After the interruption: {what}"], level="warning")
+
+
 def monitor_stopped(reason: str) -> None:
     _emit(
         "monitor_stopped",
