@@ -91,17 +91,122 @@ def test_a_concurrent_build_waits_out_an_old_snapshot(
     assert any(f"pid {old_snapshot.info.backend_pid}" in line for line in waiting), runner.stderr
 
 
-def idle_in_transaction_sampler(
+@pytest.mark.parametrize("env_style", ["cookbook", "stock"])
+def test_a_cancelled_build_drops_its_invalid_index_and_the_next_start_builds_it(
+    tmp_path: Path, leads: str, old_snapshot: psycopg.Connection[object], env_style: str
+) -> None:
+    project.create(tmp_path, recipe(), env=env_style)
+    env = enabled(leads, MIGRATION_CONCURRENT_STATEMENT_TIMEOUT="1s")
+    first = cli(["run", "--", *SERVICE], env, tmp_path, timeout=90)
+    assert first.returncode == 1, first.stderr
+    assert "❌ MIGRATION FAILED in revision r002: QueryCanceled" in first.stderr
+    assert (
+        "dropped the invalid index ix_leads_email the failed build left (DROP INDEX "
+        "CONCURRENTLY), so the next start builds it again" in first.stderr
+    )
+    assert index_state(leads, "ix_leads_email") == []
+    old_snapshot.rollback()
+    # Before, this start failed with DuplicateTable: relation "ix_leads_email" already exists.
+    second = cli(["run", "--", *SERVICE], env, tmp_path, timeout=90)
+    assert second.returncode == 0, second.stderr
+    assert index_state(leads, "ix_leads_email") == [(True,)]
+    assert version(leads) == ["r003"]
+
+
+def leave_an_invalid_index(url: str) -> None:
+    """What a build killed with its container leaves: an INVALID ix_leads_email."""
+    query(url, "UPDATE leads SET email = 'same' WHERE id <= 2")
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        query(url, "CREATE UNIQUE INDEX CONCURRENTLY ix_leads_email ON leads (email)")
+    query(url, "UPDATE leads SET email = 'x' || id WHERE id <= 2")
+    assert index_state(url, "ix_leads_email") == [(False,)]
+
+
+@pytest.mark.parametrize("env_style", ["cookbook", "stock"])
+@pytest.mark.parametrize("if_not_exists", [False, True])
+def test_an_invalid_index_from_an_earlier_start_is_built_again_not_kept(
+    tmp_path: Path, leads: str, env_style: str, if_not_exists: bool
+) -> None:
+    leave_an_invalid_index(leads)
+    project.create(tmp_path, recipe(if_not_exists=if_not_exists), env=env_style)
+    # Before: DuplicateTable at every start (a crash loop), or with IF NOT EXISTS "Migrations
+    # complete" with the index still invalid.
+    result = cli(["run", "--", *SERVICE], enabled(leads), tmp_path, timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "🧹 Dropped the invalid index ix_leads_email an earlier failed build left, before "
+        "building it again (revision r002) (DROP INDEX CONCURRENTLY)" in result.stderr
+    )
+    assert index_state(leads, "ix_leads_email") == [(True,)]
+
+
+@pytest.mark.parametrize("env_style", ["cookbook", "stock"])
+def test_the_ddl_lock_timeout_is_back_after_a_concurrent_statement(
+    tmp_path: Path, leads: str, env_style: str
+) -> None:
+    python = (
+        f"{BLOCK}"
+        "    op.execute('CREATE INDEX CONCURRENTLY ix_leads_id ON leads (id)')\n"
+        "    op.execute(\"CREATE TABLE seen AS SELECT current_setting('lock_timeout') AS lt,"
+        " current_setting('statement_timeout') AS st\")\n"
+    )
+    project.create(tmp_path, [project.Revision("r001", python=python)], env=env_style)
+    env = enabled(leads, MIGRATION_DDL_LOCK_TIMEOUT="750ms", MIGRATION_STATEMENT_TIMEOUT="90s")
+    result = cli(["run"], env, tmp_path, timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert query(leads, "SELECT lt, st FROM seen") == [("750ms", "90s")]
+
+
+@pytest.mark.parametrize("env_style", ["cookbook", "stock"])
+def test_no_session_of_ours_sits_idle_in_a_transaction(
+    tmp_path: Path, leads: str, old_snapshot: psycopg.Connection[object], env_style: str
+) -> None:
+    revisions = recipe()
+    revisions[1].python += f"{BLOCK}    op.execute('SELECT pg_sleep(1)')\n"
+    project.create(tmp_path, revisions, env=env_style)
+    stop = threading.Event()
+    seen: list[tuple[object, ...]] = []
+    samples = [0, 0]  # all samples, samples while a concurrent build ran
+    sampler = threading.Thread(target=sample_ours, args=(leads, stop, seen, samples))
+    sampler.start()
+    # The build waits for this snapshot for a while: a session of ours with one would be
+    # waited for as well, until the end.
+    release = threading.Timer(3.0, old_snapshot.rollback)
+    release.start()
+    try:
+        result = cli(["run", "--", *SERVICE], enabled(leads), tmp_path, timeout=90)
+    finally:
+        release.join()
+        stop.set()
+        sampler.join()
+    assert result.returncode == 0, result.stderr
+    assert samples[0] > 50 and samples[1] > 0, samples
+    # A transaction of the upgrade's own is idle in transaction for the instant between two of
+    # its statements; never longer, and no session of ours is while a concurrent build runs.
+    assert [row for row in seen if row[3] or float(str(row[2])) > 0.2] == []
+
+
+def sample_ours(
     url: str, stop: threading.Event, seen: list[tuple[object, ...]], samples: list[int]
 ) -> None:
+    """Every 20 ms: our sessions idle in a transaction, and whether a build was running."""
     with psycopg.connect(url, autocommit=True) as conn:
         while not stop.is_set():
             rows = conn.execute(
-                "SELECT pid, state, backend_xmin IS NOT NULL, left(query, 120)"
-                "  FROM pg_stat_activity"
-                " WHERE application_name LIKE 'prosaas-migrate:%%'"
-                "   AND state = 'idle in transaction'"
+                "SELECT pid, left(query, 80), extract(epoch FROM now() - state_change)::float8,"
+                "       EXISTS (SELECT 1 FROM pg_stat_activity b"
+                "                WHERE b.application_name LIKE 'prosaas-migrate:%%'"
+                "                  AND b.state = 'active' AND b.query ILIKE '%%concurrently%%')"
+                "  FROM pg_stat_activity a"
+                " WHERE a.application_name LIKE 'prosaas-migrate:%%'"
+                "   AND a.state = 'idle in transaction'"
             ).fetchall()
+            building = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE application_name LIKE 'prosaas-migrate:%%' AND state = 'active'"
+                "   AND query ILIKE '%%concurrently%%'"
+            ).fetchone()
             seen.extend(rows)
             samples[0] += 1
+            samples[1] += bool(building and building[0])
             time.sleep(0.02)
