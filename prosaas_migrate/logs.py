@@ -260,7 +260,13 @@ def revision_progress(
     if progress:
         line += f" ({progress})"
     lines = [line]
-    if blockers:
+    if blockers and waiting_for == "Lock:virtualxid":
+        # A concurrent form waiting for old snapshots: it blocks no reader or writer meanwhile.
+        lines.append(
+            f"   Waiting for older transactions to end ({waiting_for}; no reader or writer "
+            f"waits for it meanwhile): {'; '.join(blockers)}"
+        )
+    elif blockers:
         lines.append(f"   Waiting for a lock ({waiting_for}), blocked by {'; '.join(blockers)}")
     elif waiting_for:
         lines.append(f"   Waiting for {waiting_for}")

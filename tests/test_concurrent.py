@@ -11,6 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from prosaas_migrate.concurrent import concurrent_form
 from tests import project
 from tests.conftest import Running, cli, query, version
 
@@ -86,9 +87,16 @@ def test_a_concurrent_build_waits_out_an_old_snapshot(
     assert runner.finish(timeout=90) == 0, runner.stderr
     assert index_state(leads, "ix_leads_email") == [(True,)]
     assert version(leads) == ["r003"]
-    # The monitor names what the build waits for: the old snapshot's session.
-    waiting = [line for line in runner.lines if "old snapshot" in line or "nightly-dump" in line]
-    assert any(f"pid {old_snapshot.info.backend_pid}" in line for line in waiting), runner.stderr
+    # Every 5 s the monitor names what the build waits for: the old snapshot's session.
+    assert any(
+        "CREATE INDEX CONCURRENTLY ix_leads_email ON leads (email) (waiting for old snapshots"
+        in line
+        for line in runner.lines
+    ), runner.stderr
+    waiting = [line for line in runner.lines if "Waiting for older transactions to end" in line]
+    assert waiting, runner.stderr
+    assert f"pid {old_snapshot.info.backend_pid} (nightly-dump, " in waiting[0]
+    assert "prosaas-migrate" not in waiting[0]  # none of our own sessions holds it up
 
 
 @pytest.mark.parametrize("env_style", ["cookbook", "stock"])
@@ -210,3 +218,50 @@ def sample_ours(
             samples[0] += 1
             samples[1] += bool(building and building[0])
             time.sleep(0.02)
+
+
+# -- which statements are concurrent forms (the parse tree, via locks.statement_locks) ---------
+
+
+@pytest.mark.parametrize(
+    ("statement", "kind", "build"),
+    [
+        ("CREATE INDEX CONCURRENTLY ix_a ON t (a)", "CREATE INDEX CONCURRENTLY", ('"t"', "ix_a")),
+        (
+            'create unique index concurrently if not exists "Ix" on s."T" (a)',
+            "CREATE INDEX CONCURRENTLY",
+            ('"s"."T"', "Ix"),
+        ),
+        ("CREATE INDEX CONCURRENTLY ON t (a)", "CREATE INDEX CONCURRENTLY", None),
+        ("DROP INDEX CONCURRENTLY IF EXISTS ix_a", "DROP INDEX CONCURRENTLY", None),
+        ("REINDEX INDEX CONCURRENTLY ix_a", "REINDEX INDEX CONCURRENTLY", None),
+        ("REINDEX (CONCURRENTLY) TABLE t", "REINDEX TABLE CONCURRENTLY", None),
+        (
+            "ALTER TABLE p DETACH PARTITION p1 CONCURRENTLY",
+            "ALTER TABLE DETACH PARTITION CONCURRENTLY",
+            None,
+        ),
+    ],
+)
+def test_the_concurrent_forms_are_known_by_their_parse_tree(
+    statement: str, kind: str, build: tuple[str, str] | None
+) -> None:
+    found = concurrent_form(statement)
+    assert found is not None and found.kind == kind
+    assert (found.build and (found.build.table, found.build.name)) == build
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "CREATE INDEX ix_a ON t (a)",
+        "REINDEX (CONCURRENTLY false) INDEX ix_a",
+        "ALTER TABLE p DETACH PARTITION p1",
+        "INSERT INTO notes VALUES ('build it concurrently')",  # the word, in a literal
+        'CREATE TABLE "concurrently" (id int)',
+        "SELECT * FROM t WHERE a = %(a)s AND b = 'concurrently'",  # not SQL pglast reads
+        "SELECT 1",
+    ],
+)
+def test_other_statements_are_not(statement: str) -> None:
+    assert concurrent_form(statement) is None
