@@ -226,7 +226,8 @@ def ddl_lock_timeout_set(value: str, ms: int, retries: int) -> None:
     else:
         line = (
             f"✅ Set lock_timeout to {value} for migration connections "
-            f"(a DDL lock wait gives up after it and is retried, up to {retries} times)"
+            f"(a DDL lock wait gives up after it and is retried, up to {retries} times; "
+            "the concurrent forms wait without it)"
         )
     _emit("lock_timeout_set", [line], lock_timeout=value, retries=retries)
 

@@ -263,6 +263,8 @@ def _progress(row: tuple[Any, ...]) -> str | None:
     """'phase, N% of blocks' from pg_stat_progress_create_index or _cluster, when reported."""
     index_phase, blocks_done, blocks_total, tuples_done, tuples_total = row[:5]
     cluster_phase, heap_done, heap_total = row[5:]
+    if index_phase and str(index_phase).startswith("waiting for"):
+        return str(index_phase)  # the block counts are the last phase's, not this wait's
     for phase, done, total in (
         (index_phase, blocks_done, blocks_total),
         (index_phase, tuples_done, tuples_total),
