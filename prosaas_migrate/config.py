@@ -238,7 +238,16 @@ SETTINGS: tuple[Setting, ...] = (
         parse_duration_ms,
         "PostgreSQL duration: `lock_timeout` of every migration connection, so a DDL statement "
         "queued behind a long query gives up (and is retried) instead of stalling the app's "
-        "queries on that table; `0` = off",
+        "queries on that table; `0` = off. Not for the concurrent forms (`CREATE`/`DROP INDEX "
+        "CONCURRENTLY`, `REINDEX ... CONCURRENTLY`, `DETACH PARTITION ... CONCURRENTLY`), which "
+        "block no reader or writer while they wait",
+    ),
+    Setting(
+        "MIGRATION_CONCURRENT_STATEMENT_TIMEOUT",
+        "0",
+        parse_duration_ms,
+        "PostgreSQL duration: `statement_timeout` of each concurrent-form statement (which runs "
+        "with no `lock_timeout`: it waits for old snapshots as long as it needs); `0` = none",
     ),
     Setting(
         "MIGRATION_DDL_LOCK_RETRIES",
@@ -351,6 +360,7 @@ class Settings:
     ddl_lock_timeout: str = "2s"  # as configured, for the log line
     ddl_lock_timeout_ms: int = 2000  # lock_timeout of every migration connection; 0 = off
     ddl_lock_retries: int = 10
+    concurrent_statement_timeout_ms: int = 0  # statement_timeout of a concurrent form; 0 = none
     unknown_revision: str = "start"  # or "fail"
     on_lock_timeout: str = "skip"  # or "fail"
 
@@ -384,6 +394,7 @@ def load(environ: Mapping[str, str], *, config_option: str | None = None) -> Set
         ddl_lock_timeout=_text(environ, "MIGRATION_DDL_LOCK_TIMEOUT"),
         ddl_lock_timeout_ms=_int(environ, "MIGRATION_DDL_LOCK_TIMEOUT"),
         ddl_lock_retries=_int(environ, "MIGRATION_DDL_LOCK_RETRIES"),
+        concurrent_statement_timeout_ms=_int(environ, "MIGRATION_CONCURRENT_STATEMENT_TIMEOUT"),
         unknown_revision=str(parsed(environ, "MIGRATION_UNKNOWN_REVISION")),
         on_lock_timeout=str(parsed(environ, "MIGRATION_ON_LOCK_TIMEOUT")),
     )

@@ -226,7 +226,8 @@ def ddl_lock_timeout_set(value: str, ms: int, retries: int) -> None:
     else:
         line = (
             f"✅ Set lock_timeout to {value} for migration connections "
-            f"(a DDL lock wait gives up after it and is retried, up to {retries} times)"
+            f"(a DDL lock wait gives up after it and is retried, up to {retries} times; "
+            "the concurrent forms wait without it)"
         )
     _emit("lock_timeout_set", [line], lock_timeout=value, retries=retries)
 
@@ -260,7 +261,13 @@ def revision_progress(
     if progress:
         line += f" ({progress})"
     lines = [line]
-    if blockers:
+    if blockers and waiting_for == "Lock:virtualxid":
+        # A concurrent form waiting for old snapshots: it blocks no reader or writer meanwhile.
+        lines.append(
+            f"   Waiting for older transactions to end ({waiting_for}; no reader or writer "
+            f"waits for it meanwhile): {'; '.join(blockers)}"
+        )
+    elif blockers:
         lines.append(f"   Waiting for a lock ({waiting_for}), blocked by {'; '.join(blockers)}")
     elif waiting_for:
         lines.append(f"   Waiting for {waiting_for}")
@@ -300,6 +307,24 @@ def ddl_lock_retry(
         delay_seconds=round(delay, 1),
         blockers=list(blocker_fields),
     )
+
+
+def invalid_index_dropped(revision: str | None, index: str, why: str) -> None:
+    where = f" (revision {revision})" if revision else ""
+    _emit(
+        "invalid_index_dropped",
+        [
+            f"🧹 Dropped the invalid index {index} an earlier failed build left, {why}{where} "
+            "(DROP INDEX CONCURRENTLY)"
+        ],
+        level="warning",
+        revision=revision,
+        index=index,
+    )
+
+
+def invalid_index_cleanup(what: str) -> None:
+    _emit("invalid_index_cleanup", [f"🧹 After the interruption: {what}"], level="warning")
 
 
 def monitor_stopped(reason: str) -> None:

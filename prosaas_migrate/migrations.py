@@ -54,7 +54,8 @@ class Hooks:
 
     on_connect: OnConnect = _nothing  # a DB-API connection was opened
     on_close: Callable[[Any], None] = _nothing  # ... was closed
-    on_statement: Callable[[Any], None] = _nothing  # ... is about to run a statement
+    on_statement: Callable[[Any, str], None] = _nothing  # ... is about to run a statement
+    after_statement: Callable[[Any], None] = _nothing  # ... ran it without error
     before_commit: BeforeCommit | None = None  # raise to veto the commit
     on_step: OnStep = _nothing
 
@@ -175,8 +176,11 @@ def _session(
     def closed(dbapi_connection: Any, _record: Any) -> None:
         hooks.on_close(dbapi_connection)
 
-    def statement(connection: Connection, *_args: Any) -> None:
-        hooks.on_statement(connection.connection.dbapi_connection)
+    def statement(connection: Connection, _cursor: Any, text: str, *_args: Any) -> None:
+        hooks.on_statement(connection.connection.dbapi_connection, text)
+
+    def statement_ran(connection: Connection, *_args: Any) -> None:
+        hooks.after_statement(connection.connection.dbapi_connection)
 
     def commit_guard(connection: Connection) -> None:
         if hooks.before_commit is not None:
@@ -186,6 +190,7 @@ def _session(
         (Pool, "connect", opened),
         (Pool, "close", closed),
         (Engine, "before_cursor_execute", statement),
+        (Engine, "after_cursor_execute", statement_ran),
         (Engine, "commit", commit_guard),
     ]
     for target, name, listener in listeners:

@@ -34,7 +34,8 @@ _ACTIVITY_SQL = r"""
 SELECT a.pid, a.wait_event_type, a.wait_event,
        left(regexp_replace(a.query, '\s+', ' ', 'g'), 160),
        ci.phase, ci.blocks_done, ci.blocks_total, ci.tuples_done, ci.tuples_total,
-       cl.phase, cl.heap_blks_scanned, cl.heap_blks_total
+       cl.phase, cl.heap_blks_scanned, cl.heap_blks_total,
+       ci.lockers_done, ci.lockers_total, a.pid
   FROM pg_stat_activity a
   LEFT JOIN pg_stat_progress_create_index ci ON ci.pid = a.pid
   LEFT JOIN pg_stat_progress_cluster cl ON cl.pid = a.pid
@@ -42,6 +43,18 @@ SELECT a.pid, a.wait_event_type, a.wait_event,
  ORDER BY a.query_start
  LIMIT 1
 """
+
+# What a concurrent form waits for once it waits on a virtualxid: every transaction of this
+# database whose snapshot is older than the statement (a report, pg_dump, one of our own).
+_OLD_SNAPSHOTS_SQL = """
+SELECT b.pid, b.application_name, host(b.client_addr), b.state,
+       extract(epoch FROM now() - b.xact_start)::float8
+  FROM pg_stat_activity b, pg_stat_activity m
+ WHERE m.pid = %s AND b.pid <> m.pid AND b.datid = m.datid
+   AND b.backend_xmin IS NOT NULL AND b.xact_start < m.query_start
+ ORDER BY b.xact_start
+"""
+OLD_SNAPSHOT_WAIT = "Lock:virtualxid"
 
 
 @dataclass(frozen=True)
@@ -208,7 +221,15 @@ class Monitor:
             statement = without_literals(text)
             if wait_type:
                 waiting = f"{wait_type}:{wait_event}"
-            progress = _progress(row[4:])
+            progress = _progress(row[4:12])
+            lockers_done, lockers_total, pid = row[12:15]
+            if waiting == OLD_SNAPSHOT_WAIT:
+                # pg_blocking_pids names the one transaction waited for now; these are all
+                # it still has to wait for.
+                rows = self._conn.execute(_OLD_SNAPSHOTS_SQL, [pid]).fetchall()
+                blockers = [Blocker(*found) for found in rows] or blockers
+                if lockers_total:
+                    progress = f"{progress or 'waiting'}: {lockers_done} of {lockers_total} ended"
         if self._stop.is_set() or self.watch.revision != revision:
             return  # the revision ended while we asked: a line now would follow its outcome
         logs.revision_progress(
@@ -242,6 +263,8 @@ def _progress(row: tuple[Any, ...]) -> str | None:
     """'phase, N% of blocks' from pg_stat_progress_create_index or _cluster, when reported."""
     index_phase, blocks_done, blocks_total, tuples_done, tuples_total = row[:5]
     cluster_phase, heap_done, heap_total = row[5:]
+    if index_phase and str(index_phase).startswith("waiting for"):
+        return str(index_phase)  # the block counts are the last phase's, not this wait's
     for phase, done, total in (
         (index_phase, blocks_done, blocks_total),
         (index_phase, tuples_done, tuples_total),

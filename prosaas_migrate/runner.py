@@ -306,7 +306,7 @@ def _upgrade_under_lock(
     """Upgrade to head while holding the lock: retry lock timeouts, watch the lock, verify."""
     import psycopg
 
-    from prosaas_migrate import database, lock, migrations
+    from prosaas_migrate import concurrent, database, migrations
     from prosaas_migrate.monitor import Monitor, Watch, describe_blockers
 
     goal = reader.goal
@@ -320,18 +320,27 @@ def _upgrade_under_lock(
         if identity == lock_identity:  # the lock's server and database: the monitor's to watch
             watch.opened(dbapi_connection, pid)
 
-    def on_statement(dbapi_connection: Any) -> None:
+    policy = concurrent.Policy(
+        session,
+        settings.concurrent_statement_timeout_ms,
+        on_dropped=lambda build, why: logs.invalid_index_dropped(
+            watch.revision, build.display, why
+        ),
+    )
+
+    def on_statement(dbapi_connection: Any, statement: str) -> None:
         # Work done in autocommit (autocommit_block) is committed as it runs: no rollback
         # undoes it, so a revision that did some must never be retried as a whole.
         if watch.revision is not None and getattr(dbapi_connection, "autocommit", False):
             watch.autocommitted.add(watch.revision)
+        policy.before(dbapi_connection, statement)
 
     def before_commit(_connection: Any) -> None:
         # Asked of the lock session itself (idle, or the very connection committing), so it
         # holds for env.py's own engines and for every database of a multidb project.
         try:
             with database.answering_within(5):  # a frozen lock backend must not hang the commit
-                row = conn.execute(lock.HELD_BY_SQL, [watch.lock_pid, key]).fetchone()
+                row = _held_by(conn, watch.lock_pid, key)
         except (psycopg.Error, database.NoAnswer):
             row = None
         if not (row and row[0]):
@@ -346,6 +355,7 @@ def _upgrade_under_lock(
         on_connect=on_connect,
         on_close=watch.closed,
         on_statement=on_statement,
+        after_statement=policy.after,
         before_commit=before_commit,
         on_step=lambda revision: watch.running(revision, clock()),
     )
@@ -365,6 +375,8 @@ def _upgrade_under_lock(
                 ran += [r for r in done.ran if r not in ran]
                 blockers = list(watch.blockers)  # what the monitor last saw blocking it
                 watch.running(None, clock())
+                if builds := policy.take_failed():
+                    failure.cause += "; " + _drop_invalid(conn, info, session, builds)
                 _raise_if_lock_lost(failure, conn, watch)
                 tried = {*done.ran, *([failure.revision] if failure.revision else [])}
                 partly = sorted(watch.autocommitted & tried)
@@ -391,6 +403,12 @@ def _upgrade_under_lock(
                     [b.as_dict() for b in blockers[:10]],
                 )
                 time.sleep(delay)
+            except Interrupted:
+                if builds := policy.take_failed():
+                    # Before the interruption is reported: no invalid index may crash-loop
+                    # the next start (that one also drops it before building it again).
+                    logs.invalid_index_cleanup(_drop_invalid(conn, info, session, builds))
+                raise
         # The upgrade is over: nothing is running any more, so the monitor has nothing left to
         # report, and no progress line may follow the outcome.
         watch.running(None, clock())
@@ -422,6 +440,83 @@ def _upgrade_under_lock(
             logs.at_head(heads, locked=True)
     finally:
         monitor.stop()
+
+
+def _held_by(conn: psycopg.Connection[Any], lock_pid: int, key: int) -> Any:
+    """Whether the lock session still holds the lock, asked on that session without leaving
+    it in a transaction: an idle session of ours with a snapshot would stall every concurrent
+    build until the DDL lock timeout cancelled it."""
+    import psycopg
+
+    from prosaas_migrate.lock import HELD_BY_SQL
+
+    idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    row = conn.execute(HELD_BY_SQL, [lock_pid, key]).fetchone()
+    if idle and not conn.autocommit:
+        conn.rollback()  # the transaction this read opened, and nothing else
+    return row
+
+
+CLEANUP_TIMEOUT_MS = 30_000  # how long dropping an invalid index may wait for its table's users
+
+
+def _drop_invalid(
+    conn: psycopg.Connection[Any],
+    info: ConnInfo,
+    session: dict[str, str],
+    builds: Sequence[Any],
+) -> str:
+    """Drop each invalid index a failed concurrent build left; say what was done, per index."""
+    import psycopg
+
+    from prosaas_migrate import concurrent, database
+
+    said: list[str] = []
+    extra = None
+    try:
+        target = conn
+        if conn.closed or conn.broken:
+            extra = psycopg.connect(info.text, autocommit=True, connect_timeout=5)
+            target = extra
+        else:
+            if target.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                target.rollback()
+            target.autocommit = True
+        database.set_session(
+            target,
+            {
+                "application_name": session["application_name"],
+                "lock_timeout": "0",
+                "statement_timeout": str(CLEANUP_TIMEOUT_MS),
+            },
+        )
+        for build in builds:
+            try:
+                if concurrent.drop_if_invalid(target, build):
+                    said.append(
+                        f"dropped the invalid index {build.display} the failed build left "
+                        "(DROP INDEX CONCURRENTLY), so the next start builds it again"
+                    )
+                else:
+                    said.append(f"the failed build left no invalid index {build.display}")
+            except psycopg.Error as exc:
+                said.append(
+                    f"could not drop the invalid index {build.display} "
+                    f"({database.one_line(exc, info)}): the next start drops it before "
+                    "building it again"
+                )
+        if target is conn:
+            database.set_session(conn, session)
+    except psycopg.Error as exc:
+        names = ", ".join(build.display for build in builds)
+        said.append(
+            f"could not drop the invalid index(es) {names} ({database.one_line(exc, info)}): "
+            "the next start drops them before building them again"
+        )
+    finally:
+        if extra is not None:
+            extra.close()
+    return "; ".join(said)
 
 
 _UNSEEN_BLOCKER = "a session that ended (or was not caught) before it could be named"

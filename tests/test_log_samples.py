@@ -140,6 +140,25 @@ def retry_behind_a_report(app: Path, db_url: str) -> str:
     return proc.stderr
 
 
+def concurrent_build_behind_a_dump(app: Path, db_url: str) -> str:
+    """The README's recipe for a busy table, while a pg_dump's snapshot is 6 s old: the build
+    waits for it (with no lock_timeout: nobody waits for the build), the monitor names it."""
+    python = (
+        "with op.get_context().autocommit_block():\n"
+        "    op.create_index('ix_leads_id', 'leads', ['id'], postgresql_concurrently=True)\n"
+    )
+    folder = app / "indexed"
+    project.create(folder, [project.Revision("7b1d9e", python=python, message="index leads.id")])
+    with psycopg.connect(db_url, application_name="pg_dump") as dump:
+        dump.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        dump.execute("SELECT 1")
+        proc = Running(["run", "--", "gunicorn", "app:app"], env(app, db_url), folder)
+        proc.wait_for("Waiting for older transactions to end", timeout=30)
+        dump.rollback()
+        assert proc.finish() == 0, proc.stderr
+    return proc.stderr
+
+
 def fail_when_told(app: Path, db_url: str) -> str:
     with holding_the_lock(db_url, OTHER_RUNNER):
         extra = {"MIGRATION_LOCK_WAIT_SECONDS": "1", "MIGRATION_ON_LOCK_TIMEOUT": "fail"}
@@ -167,6 +186,7 @@ SCENARIOS: dict[str, Callable[[Path, str], str]] = {
     "skip-fail": fail_when_told,
     "disabled": disabled,
     "lock-timeout-retry": retry_behind_a_report,
+    "concurrent-build": concurrent_build_behind_a_dump,
     "worker-events": worker_events,
 }
 
