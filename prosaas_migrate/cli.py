@@ -167,7 +167,7 @@ def run(config_path: str | None, command: tuple[str, ...]) -> NoReturn:
         _report(exc)
         sys.exit(exc.exit_code)
     except Interrupted as exc:
-        logs.interrupted(exc.signal_name, after_commit=exc.after_commit)
+        logs.interrupted(exc.signal_name, after_commit=exc.after_commit, partly=exc.partly)
         sys.exit(exc.exit_code)
     sys.exit(code)
 

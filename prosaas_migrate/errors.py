@@ -315,4 +315,5 @@ class Interrupted(KeyboardInterrupt):
         self.signal_name = signal.Signals(signum).name
         self.exit_code = 128 + signum
         self.after_commit = False  # set by the runner: the upgrade had committed already
+        self.partly: tuple[str, ...] = ()  # revisions whose autocommit_block work stays
         super().__init__(f"interrupted by {self.signal_name}")

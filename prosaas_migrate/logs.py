@@ -605,7 +605,9 @@ def no_command() -> None:
     _emit("no_command", ["✅ No service command given: exiting 0"])
 
 
-def interrupted(signal_name: str, *, after_commit: bool = False) -> None:
+def interrupted(
+    signal_name: str, *, after_commit: bool = False, partly: Sequence[str] = ()
+) -> None:
     if after_commit:
         line = (
             f"🛑 Interrupted by {signal_name} after the migrations were committed: "
@@ -613,12 +615,19 @@ def interrupted(signal_name: str, *, after_commit: bool = False) -> None:
         )
     else:
         line = f"🛑 Interrupted by {signal_name} before the service started: rolled back, exiting"
+    lines = [line]
+    if partly and not after_commit:
+        lines.append(
+            f"   Except what {', '.join(partly)} ran outside a transaction (autocommit_block): "
+            "that was committed as it ran and stays"
+        )
     _emit(
         "interrupted",
-        [line],
+        lines,
         level="warning",
         signal=signal_name,
         after_commit=after_commit,
+        partly_applied=list(partly),
     )
 
 

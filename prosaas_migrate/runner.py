@@ -24,6 +24,7 @@ from prosaas_migrate.errors import (
     Interrupted,
     LockLost,
     LockTimeout,
+    MigrateError,
     MigrationFailed,
     TransactionPooling,
     VersionTableBusy,
@@ -375,6 +376,16 @@ def _upgrade_under_lock(
                 ran += [r for r in done.ran if r not in ran]
                 blockers = list(watch.blockers)  # what the monitor last saw blocking it
                 watch.running(None, clock())
+                if (signum := pending_interruption()) is not None:
+                    # A signal cancelled the statement, and Alembic's clean-up (its commit in a
+                    # `finally:` after an autocommit_block, a rollback) failed in its place: the
+                    # interruption is what happened, not a failed migration or a lost lock.
+                    if builds := policy.take_failed():
+                        logs.invalid_index_cleanup(_drop_invalid(conn, info, session, builds))
+                    tried = {*done.ran, *([failure.revision] if failure.revision else [])}
+                    interrupted = Interrupted(signum)
+                    interrupted.partly = tuple(sorted(watch.autocommitted & tried))
+                    raise interrupted from failure
                 if builds := policy.take_failed():
                     failure.cause += "; " + _drop_invalid(conn, info, session, builds)
                 _raise_if_lock_lost(failure, conn, watch)
@@ -700,14 +711,27 @@ def start_service(command: Sequence[str]) -> ExitCode:
     raise AssertionError("os.execvp returned")  # pragma: no cover
 
 
+_INTERRUPTED: list[int] = []  # the signal that interrupted this run, once one did
+
+
+def pending_interruption() -> int | None:
+    """The signal that interrupted the run, if one did (its Interrupted may have been replaced
+    by what a clean-up raised on the way out)."""
+    return _INTERRUPTED[0] if _INTERRUPTED else None
+
+
 @contextmanager
 def interruptible() -> Iterator[None]:
-    """Turn the first SIGTERM/SIGINT into Interrupted; later ones wait for the clean-up to end."""
-    interrupted: list[int] = []
+    """Turn the first SIGTERM/SIGINT into Interrupted; later ones wait for the clean-up to end.
+
+    Whatever a clean-up raises in the interruption's place on the way out (Alembic commits in
+    a `finally:`) does not replace it: the run exits 128+N with the interruption line.
+    """
+    _INTERRUPTED.clear()
 
     def handle(signum: int, _frame: FrameType | None) -> None:
-        if not interrupted:
-            interrupted.append(signum)
+        if not _INTERRUPTED:
+            _INTERRUPTED.append(signum)
             raise Interrupted(signum)
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -716,9 +740,12 @@ def interruptible() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        in_flight = sys.exc_info()[1]
         # A signal that landed during clean-up still means: do not start the service.
-        if interrupted and sys.exc_info()[0] is None:
-            raise Interrupted(interrupted[0])
+        if _INTERRUPTED and in_flight is None:
+            raise Interrupted(_INTERRUPTED[0])
+        if _INTERRUPTED and isinstance(in_flight, MigrateError):
+            raise Interrupted(_INTERRUPTED[0]) from in_flight
 
 
 def _errno_name(number: int | None) -> str:

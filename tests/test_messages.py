@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli
+from tests import project
+from tests.conftest import Running, cli, query, version
+from tests.pgcluster import Cluster
 
 
 @pytest.mark.parametrize("service", [["-x"], ["--help"], ["-", "a"]])
@@ -40,9 +45,6 @@ def test_a_dash_service_after_dashdash_with_options_before_it(tmp_path: Path) ->
 def test_no_progress_line_follows_the_outcome(tmp_path: Path, db_url: str) -> None:
     """The monitor reports a running revision every 5 s; once the upgrade is over it says
     nothing more: it is stopped before the outcome is logged."""
-    import json
-
-    from tests import project
 
     project.create(tmp_path, project.linear(2, slow_seconds=5.6))
     env = {"RUN_MIGRATIONS": "1", "DATABASE_URL": db_url, "MIGRATION_LOG_FORMAT": "json"}
@@ -59,9 +61,6 @@ def test_a_server_crash_mid_revision_is_one_verdict(tmp_path: Path, env: str) ->
     """The crash fails the migration and ends the lock's session with it: one event. Before,
     the stock env.py printed MIGRATION LOCK LOST ("another runner may have migrated") and then
     MIGRATION FAILED ("nothing of them is in the database")."""
-    from tests import project
-    from tests.conftest import Running
-    from tests.pgcluster import Cluster
 
     server = Cluster()
     try:
@@ -81,3 +80,39 @@ def test_a_server_crash_mid_revision_is_one_verdict(tmp_path: Path, env: str) ->
     else:  # the migration ran on the lock's session: losing it is the verdict
         assert headlines[0].startswith("❌ MIGRATION LOCK LOST:")
         assert "nothing of them is in the database" not in proc.stderr
+
+
+@pytest.mark.parametrize("env", ["stock", "cookbook"])
+def test_sigterm_in_an_autocommit_block_is_the_interruption(
+    tmp_path: Path, db_url: str, env: str
+) -> None:
+    """Issue 16 point 4: Alembic commits in a `finally:` after the block; that commit failing
+    (PendingRollbackError, or the lock-held veto on a session SQLAlchemy closed) must not
+    replace the interruption: exit 143, the interruption line, no false verdict."""
+
+    block = (
+        "op.execute('CREATE TABLE done (id int)')\n"
+        "with op.get_context().autocommit_block():\n"
+        "    op.execute('CREATE TABLE early (id int)')\n"
+        "    op.execute('SELECT pg_sleep(30)')\n"
+    )
+    project.create(tmp_path, [project.Revision("r001", python=block)], env=env)
+    proc = Running(["run", "--", "true"], {"RUN_MIGRATIONS": "1", "DATABASE_URL": db_url}, tmp_path)
+    proc.wait_for("Applying revision r001")
+    deadline = time.monotonic() + 10
+    while not query(db_url, "SELECT 1 FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'"):
+        assert time.monotonic() < deadline, proc.stderr
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.finish(timeout=30) == 143, proc.stderr
+    assert "🛑 Interrupted by SIGTERM before the service started: rolled back, exiting" in (
+        proc.lines
+    )
+    assert "   Except what r001 ran outside a transaction (autocommit_block): that was " in (
+        proc.stderr
+    )
+    for false_verdict in ("MIGRATION LOCK LOST", "MIGRATION FAILED", "PendingRollbackError"):
+        assert false_verdict not in proc.stderr
+    assert version(db_url) == []  # the revision did not complete
+    # what ran in the block committed as it ran; what ran before it, in the transaction, did
+    # not: Alembic committed that at the block's start, so it stays too
+    assert query(db_url, "SELECT to_regclass('early') IS NOT NULL")[0][0] is True
