@@ -147,13 +147,28 @@ def _read(statement: Any, *, skip: Any = None) -> list[TableLock]:
     nodes = list(_walk(statement))
     ctes = {node.ctename for node in nodes if isinstance(node, ast.CommonTableExpr)}
     locking = any(isinstance(node, ast.LockingClause) for node in nodes)
+    # A data-modifying WITH (WITH d AS (DELETE FROM a ...) ...) writes its target: ROW EXCLUSIVE.
+    written = {id(node.relation) for node in nodes if isinstance(node, _WRITES)}
     return [
-        _lock(node, _R_S if locking else _A_S)
+        _lock(node, _R_X if id(node) in written else _R_S if locking else _A_S)
         for node in nodes
         if isinstance(node, ast.RangeVar)
         and node is not skip
         and (node.schemaname or node.relname not in ctes)
     ]
+
+
+_WRITES = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
+
+
+def writing_ctes(node: Any) -> list[str]:
+    """The kinds of the data-modifying statements a WITH clause of `node` runs ("UPDATE"...)."""
+    names = {ast.InsertStmt: "INSERT", ast.UpdateStmt: "UPDATE", ast.DeleteStmt: "DELETE"}
+    found = []
+    for each in _walk(getattr(node, "withClause", None)):
+        if isinstance(each, _WRITES):
+            found.append(names.get(type(each), "MERGE"))
+    return found
 
 
 # -- one handler per statement type ------------------------------------------------------------
@@ -453,7 +468,11 @@ def _select(node: Any) -> StatementLocks:
     """A SELECT ... INTO's new table is not listed (nobody sees it before COMMIT)."""
     into = node.intoClause
     reads = _read(node, skip=into.rel if into is not None else None)
-    return StatementLocks("SELECT INTO" if into is not None else "SELECT", _merged(reads))
+    writes = writing_ctes(node)
+    kind = "SELECT INTO" if into is not None else "SELECT"
+    if writes:
+        kind = f"WITH ... {writes[0]} ... {kind}"
+    return StatementLocks(kind, _merged(reads))
 
 
 def _create_trigger(node: Any) -> StatementLocks:

@@ -126,6 +126,12 @@ IN_TRANSACTION = [
     ("SELECT * FROM t JOIN s.q ON q.id = t.id", "SELECT"),
     ("SELECT * FROM t FOR UPDATE", "SELECT"),
     ("SELECT * FROM v", "SELECT"),
+    # A data-modifying WITH writes its target: ROW EXCLUSIVE, not the ACCESS SHARE of a read.
+    ("WITH d AS (DELETE FROM w RETURNING id) SELECT count(*) FROM d", "WITH ... DELETE ... SELECT"),
+    (
+        "WITH d AS (DELETE FROM w RETURNING id) INSERT INTO t (id, b) SELECT id, id FROM d",
+        "INSERT ... SELECT",
+    ),
     ("CREATE VIEW v2 AS SELECT * FROM t", "CREATE VIEW"),
     ("REFRESH MATERIALIZED VIEW mv", "REFRESH MATERIALIZED VIEW"),
     ("CREATE TRIGGER tr BEFORE INSERT ON t FOR EACH ROW EXECUTE FUNCTION trg()", "CREATE TRIGGER"),
