@@ -587,7 +587,7 @@ class _Checker:
             ast.TransactionStmt: self._transaction,
             ast.CreateStmt: self._create_table,
             ast.CreateTableAsStmt: self._create_table_as,
-            ast.SelectStmt: self._select_into,
+            ast.SelectStmt: self._select,
             ast.IndexStmt: self._index,
             ast.AlterTableStmt: self._alter_table,
             ast.RenameStmt: self._rename,
@@ -638,9 +638,11 @@ class _Checker:
     def _hold(self, statement: _Statement) -> None:
         """Note the locks that queue the app which the statement leaves the transaction holding."""
         taken = locks.statement_locks(statement.node)
-        if taken.transaction_control or not self.in_transaction:
+        if not self.in_transaction:
             self.held = {}  # a transaction ended (or each statement is its own)
             return
+        if taken.transaction_control:
+            return  # SAVEPOINT, RELEASE: the transaction and its locks go on
         for lock in taken.locks:
             table = self._lock_table(lock)
             if table is None or table in self.created or not locks.queues_app(lock.mode):
@@ -752,13 +754,18 @@ class _Checker:
                 self._remember_check(table, element, validated=True)
 
     def _create_table_as(self, statement: _Statement) -> None:
+        into = statement.node.into
         if not statement.node.if_not_exists:
-            self.created.add(_table(statement.node.into.rel))
+            self.created.add(_table(into.rel))
+        if not into.skipData:  # WITH NO DATA reads nothing
+            self._dml(statement)  # a copy of a locked table holds the lock as long as it runs
 
-    def _select_into(self, statement: _Statement) -> None:
+    def _select(self, statement: _Statement) -> None:
         into = statement.node.intoClause
         if into is not None:  # SELECT ... INTO creates the table, as CREATE TABLE AS does
             self.created.add(_table(into.rel))
+        if into is not None or locks.writing_ctes(statement.node):
+            self._dml(statement)  # a copy, or a WITH that writes: as INSERT ... SELECT
 
     def _index(self, statement: _Statement) -> None:
         node = statement.node
@@ -812,9 +819,10 @@ class _Checker:
         self._report(rule, statement.text, table=where, detail=shown)
 
     def _dml(self, statement: _Statement) -> None:
-        """backfill-under-lock: UPDATE, DELETE, MERGE or INSERT ... SELECT on a table the open
-        transaction holds a lock on that queues the app. INSERT ... VALUES writes the rows it
-        lists (seed data), not a backfill: it is not reported."""
+        """backfill-under-lock: UPDATE, DELETE, MERGE or INSERT ... SELECT (or a SELECT whose
+        WITH writes, a CREATE TABLE AS or SELECT INTO copy) on a table the open transaction
+        holds a lock on that queues the app. INSERT ... VALUES writes the rows it lists (seed
+        data), not a backfill: it is not reported."""
         taken = locks.statement_locks(statement.node)
         if taken.kind == "INSERT":
             return
@@ -1048,11 +1056,29 @@ def _checked_statements(sql: str) -> Iterator[_Checked]:
     encoded = sql.encode()  # the parser's offsets count bytes
     for raw in statements:
         kind, node = next(iter(raw["stmt"].items()))
-        if kind in _CHECKED_STATEMENTS or (kind == "SelectStmt" and "intoClause" in node):
+        if kind in _CHECKED_STATEMENTS or (
+            kind == "SelectStmt" and ("intoClause" in node or _json_writes(node))
+        ):
             start = raw.get("stmt_location", 0)
             stop = start + raw["stmt_len"] if raw.get("stmt_len") else len(encoded)
             tables = _json_tables(node) if kind in _DML else None
             yield len(encoded[:start].decode()), kind, encoded[start:stop].decode(), tables
+
+
+def _json_writes(node: Any) -> bool:
+    """Whether a SELECT's JSON tree has a data-modifying WITH (WITH d AS (DELETE ...) SELECT)."""
+    if "withClause" not in node:
+        return False
+    stack = [node["withClause"]]
+    while stack:
+        each = stack.pop()
+        if isinstance(each, dict):
+            if _DML & each.keys():
+                return True
+            stack.extend(each.values())
+        elif isinstance(each, list):
+            stack.extend(each)
+    return False
 
 
 def _json_tables(tree: Any) -> frozenset[_Table]:
@@ -1074,7 +1100,11 @@ def _checked_statements_deep(sql: str) -> Iterator[_Checked]:
     """_checked_statements through pglast's tree, which it builds without Python recursion."""
     for raw in pglast.parse_sql(sql):
         kind = type(raw.stmt).__name__
-        if kind in _CHECKED_STATEMENTS or getattr(raw.stmt, "intoClause", None) is not None:
+        if (
+            kind in _CHECKED_STATEMENTS
+            or getattr(raw.stmt, "intoClause", None) is not None
+            or (kind == "SelectStmt" and locks.writing_ctes(raw.stmt))
+        ):
             start = raw.stmt_location or 0  # pglast's tree counts characters
             text = sql[start : start + raw.stmt_len if raw.stmt_len else len(sql)]
             yield start, kind, text, None

@@ -391,6 +391,35 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
             'op.execute("INSERT INTO t (id, b) SELECT id, id FROM u")\n'
             'op.execute("CREATE TRIGGER tr BEFORE INSERT ON t EXECUTE FUNCTION f()")',
         ),
+        (
+            "sql-writing-with",
+            # A SELECT whose WITH updates t is an UPDATE of t; a WITH that only reads is not.
+            'op.execute("ALTER TABLE t ADD COLUMN c int")\n'
+            'op.execute("WITH x AS (UPDATE t SET c = a RETURNING id) SELECT count(*) FROM x")',
+            'op.execute("ALTER TABLE t ADD COLUMN c int")\n'
+            'op.execute("WITH x AS (SELECT id FROM u) SELECT count(*) FROM x")',
+        ),
+        (
+            "sql-savepoint",
+            # A SAVEPOINT (or its RELEASE) ends no transaction: the lock is still held.
+            'op.execute("ALTER TABLE t ADD COLUMN c int")\n'
+            'op.execute("SAVEPOINT backfill")\n'
+            'op.execute("UPDATE t SET c = a")\n'
+            'op.execute("RELEASE SAVEPOINT backfill")',
+            'op.execute("SAVEPOINT backfill")\n'
+            'op.execute("UPDATE t SET a = 0")\n'
+            'op.execute("RELEASE SAVEPOINT backfill")\n'
+            'op.execute("ALTER TABLE t ADD COLUMN c int")',
+        ),
+        (
+            "sql-copy",
+            # A copy of the locked table reads all of it under the lock; WITH NO DATA reads none.
+            'op.execute("ALTER TABLE t ADD COLUMN c int")\n'
+            'op.execute("CREATE TABLE t_copy AS SELECT * FROM t")\n'
+            'op.execute("SELECT * INTO t_copy2 FROM t")',
+            'op.execute("ALTER TABLE t ADD COLUMN c int")\n'
+            'op.execute("CREATE TABLE t_copy AS SELECT * FROM t WITH NO DATA")',
+        ),
     ],
     "syntax-error": [
         (
