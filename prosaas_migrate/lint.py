@@ -903,6 +903,11 @@ class _Checker:
         old = self.schema.type_of(_table(relation), command.name)
         if column.collClause is not None:
             detail = f"to {new or 'a new type'} with a new collation (its indexes are rebuilt)"
+        elif old is not None and old.collation is not None:
+            detail = (
+                f'from {old} COLLATE "{old.collation}" to {new or "a new type"}, which resets '
+                "its collation to the default (its indexes are rebuilt)"
+            )
         elif old is None:
             detail = (
                 f"to {new or 'a new type'}, from a type lint does not know (no revision it "

@@ -1807,3 +1807,40 @@ def test_type_changes_are_judged_against_the_replayed_history(tmp_path: Path) ->
     for since in ("r006", "r012", "r020"):
         after = [(revision, rule) for revision, rule in expected if revision > since]
         assert rules(lint_at(tmp_path, since=since)) == after, since
+
+
+def test_a_type_change_that_drops_a_columns_collation_rebuilds_its_indexes(
+    tmp_path: Path, db_url: str
+) -> None:
+    # varchar(100) -> text is a relabel, but ALTER ... TYPE without COLLATE resets the column's
+    # collation to the default, and PostgreSQL rebuilds its indexes under ACCESS EXCLUSIVE.
+    with psycopg.connect(db_url) as conn:
+        conn.execute('CREATE TABLE x (s varchar(100) COLLATE "C", d varchar(100))')
+        conn.execute("CREATE INDEX ix_x_s ON x (s)")
+        conn.execute("CREATE INDEX ix_x_d ON x (d)")
+        files = "SELECT pg_relation_filenode('ix_x_s'), pg_relation_filenode('ix_x_d')"
+        before = conn.execute(files).fetchone()
+        conn.execute("ALTER TABLE x ALTER COLUMN s TYPE text, ALTER COLUMN d TYPE text")
+        after = conn.execute(files).fetchone()
+        conn.rollback()
+    assert before is not None and after is not None
+    assert before[0] != after[0] and before[1] == after[1]
+
+    root = new_project(tmp_path)
+    write_revision(
+        root,
+        "r002",
+        "r001",
+        'op.create_table("x", sa.Column("s", sa.String(100, collation="C")), '
+        'sa.Column("d", sa.String(100)))\n'
+        'op.create_index("ix_x_s", "x", ["s"])\nop.create_index("ix_x_d", "x", ["d"])',
+    )
+    write_revision(
+        root,
+        "r003",
+        "r002",
+        'op.alter_column("x", "s", type_=sa.Text)\nop.alter_column("x", "d", type_=sa.Text)',
+    )
+    report = lint_at(root)
+    assert rules(report) == [("r003", "column-type-change")]
+    assert 'x.s from varchar(100) COLLATE "C" to text, which resets' in report.findings[0].message
