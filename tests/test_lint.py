@@ -412,6 +412,18 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
             'op.execute("ALTER TABLE t ADD COLUMN c int")',
         ),
         (
+            "sql-do-block",
+            # A DO block's own statements run in the transaction; one that only creates a type
+            # or seeds a row is no backfill.
+            'op.execute("ALTER TABLE t ADD COLUMN c int")\n'
+            'op.execute("DO $$ DECLARE r record; BEGIN FOR r IN SELECT id FROM u LOOP '
+            'UPDATE t SET c = r.id WHERE u_id = r.id; END LOOP; END $$")',
+            'op.execute("ALTER TABLE t ADD COLUMN c int")\n'
+            "op.execute(\"DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_type WHERE typname = 'e') "
+            "THEN CREATE TYPE e AS ENUM ('a'); END IF; INSERT INTO t (id, b) VALUES (1, 1); "
+            'END $$")',
+        ),
+        (
             "sql-copy",
             # A copy of the locked table reads all of it under the lock; WITH NO DATA reads none.
             'op.execute("ALTER TABLE t ADD COLUMN c int")\n'
