@@ -59,8 +59,18 @@ class Chunk:
     error_hint: str | None = None  # what to do instead, when the error is a known idiom
 
     def line_of(self, start: int, stop: int) -> int | None:
-        """The revision file's line whose operation wrote the SQL in [start, stop), if known."""
-        return next((line for at, line in self.lines if start <= at < stop), None)
+        """The revision file's line whose operation wrote the SQL in [start, stop), if known.
+
+        A write that begins inside the statement wrote it; else the statement is a later one
+        of an earlier write (op.execute("ALTER ...; UPDATE ...")): that write's line.
+        """
+        before = None
+        for at, line in self.lines:
+            if start <= at < stop:
+                return line
+            if at <= start:
+                before = line
+        return before
 
 
 @dataclass
