@@ -605,7 +605,12 @@ class _Checker:
         }
 
     def chunk(self, chunk: offline.Chunk) -> list[Finding]:
-        if chunk.session_start:
+        if chunk.resumed:
+            # Rendering started over after a revision that failed offline; the real upgrade
+            # goes on in its transaction: the locks stay held (a COMMIT already rendered, as
+            # with transaction_per_migration, has let them go).
+            self.in_transaction = False
+        elif chunk.session_start:
             self.new_session()
         self.revision = chunk.revision
         self.file = offline.display_path(chunk.revision.path) if chunk.revision else ""

@@ -1726,6 +1726,28 @@ def test_a_backfill_is_judged_by_the_locks_its_transaction_holds(
     assert rules(lint_at(root, since="r002")) == []
 
 
+@pytest.mark.parametrize("per_migration", [False, True], ids=["one-transaction", "per-migration"])
+def test_a_revision_that_fails_offline_does_not_end_the_transaction(
+    tmp_path: Path, per_migration: bool
+) -> None:
+    # Rendering starts a new session after r003; online, the upgrade goes on in the same
+    # transaction, so r004's backfill runs under r002's lock (unless each revision commits).
+    root = new_project(tmp_path)
+    if per_migration:
+        env = root / "migrations" / "env.py"
+        env.write_text(env.read_text().replace(PER_MIGRATION_ANCHOR, PER_MIGRATION, 1))
+    write_revision(root, "r002", "r001", 'op.add_column("t", sa.Column("c", sa.Integer))')
+    write_revision(
+        root, "r003", "r002", 'op.get_bind().execute(sa.text("SELECT count(*) FROM t")).scalar()'
+    )
+    write_revision(root, "r004", "r003", 'op.execute("UPDATE t SET c = 0")')
+    found = rules(lint_at(root))
+    if per_migration:
+        assert found == [("r003", "offline-render-failed")]
+    else:
+        assert found == [("r003", "offline-render-failed"), ("r004", "backfill-under-lock")]
+
+
 def test_a_plain_reindex_stops_reads_too_as_its_message_says(db_url: str) -> None:
     schema(db_url)
     with psycopg.connect(db_url) as reindex, psycopg.connect(db_url) as app:
