@@ -28,7 +28,7 @@ from pglast.enums import (
     ReindexObjectType,
     TransactionStmtKind,
 )
-from pglast.parser import ParseError, parse_plpgsql_json, parse_sql_json, scan, split
+from pglast.parser import ParseError, parse_sql_json, scan, split
 
 from prosaas_migrate import history, locks, offline
 
@@ -292,10 +292,9 @@ _CHECKED_STATEMENTS = frozenset(
         *{"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt", "DoStmt"},
     }
 )
-# DML (and a DO block, which may run some) is parsed only while the transaction holds a lock
-# that queues the application: a data migration's thousands of INSERTs cost nothing otherwise.
+# DML is parsed only while the transaction holds a lock that queues the application: a data
+# migration's thousands of INSERTs cost nothing otherwise.
 _DML = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
-_ONLY_UNDER_LOCK = _DML | {"DoStmt"}
 # Unqualified names resolve through the default search_path ("$user", public): public.
 _DEFAULT_SCHEMA = "public"
 
@@ -584,6 +583,7 @@ class _Checker:
         self.file = ""  # the revision's file as the report shows it
         self.found: list[Finding] = []
         self.line: int | None = None  # the revision file's line of the statement being checked
+        self.within = ""  # "in a DO block " while checking a DO block's own statements
         self._handlers: dict[type, Callable[[_Statement], None]] = {
             ast.TransactionStmt: self._transaction,
             ast.CreateStmt: self._create_table,
@@ -630,12 +630,15 @@ class _Checker:
             self.line = statement.line
             if self.revision is None and not isinstance(statement.node, ast.TransactionStmt):
                 continue  # Alembic's own statements around the revisions
-            handler = self._handlers.get(type(statement.node))
-            if handler is not None:
-                handler(statement)
-            self._hold(statement)
-            self.schema.apply(statement.node)
+            self._check(statement)
         return self.found
+
+    def _check(self, statement: _Statement) -> None:
+        handler = self._handlers.get(type(statement.node))
+        if handler is not None:
+            handler(statement)
+        self._hold(statement)
+        self.schema.apply(statement.node)
 
     def new_session(self) -> None:
         """A fresh connection: no transaction open, no lock held."""
@@ -686,7 +689,7 @@ class _Checker:
             pieces = split(sql, with_parser=False, only_slices=True)
             texts = [(piece.start, None, sql[piece], None) for piece in pieces]
         for offset, kind, text, tables in texts:
-            if kind in _ONLY_UNDER_LOCK and (
+            if kind in _DML and (
                 not self.held or (tables is not None and not tables & self.held.keys())
             ):
                 continue  # no backfill-under-lock possible: not worth a parse
@@ -826,24 +829,24 @@ class _Checker:
         self._report(rule, statement.text, table=where, detail=shown)
 
     def _do(self, statement: _Statement) -> None:
-        """A DO block's own UPDATE, DELETE, MERGE and INSERT ... SELECT, as if written outside it
-        (what it runs through EXECUTE is text only the server sees)."""
-        if not self.held:
-            return
-        for text in _plpgsql_statements(statement.node):
+        """A DO block's own statements, checked as if written outside it, in its transaction
+        (the idempotent `IF NOT EXISTS (...) THEN ALTER TABLE ...` runs on the first deploy);
+        what it runs through EXECUTE is text only the server sees."""
+        for text in locks.plpgsql_statements(statement.node):
             try:
                 parsed = pglast.parse_sql(text)
             except ParseError:
                 continue
             for raw in parsed:
-                node = raw.stmt
-                if isinstance(node, _DML_NODES) or (
-                    isinstance(node, ast.SelectStmt) and locks.writing_ctes(node)
-                ):
-                    inner = _Statement(node, statement.text, statement.line)
-                    self._dml(inner, within="in a DO block ")
+                if isinstance(raw.stmt, ast.TransactionStmt | ast.DoStmt):
+                    continue  # not in a DO block that runs in a transaction
+                self.within = "in a DO block "
+                try:
+                    self._check(_Statement(raw.stmt, statement.text, statement.line))
+                finally:
+                    self.within = ""
 
-    def _dml(self, statement: _Statement, within: str = "") -> None:
+    def _dml(self, statement: _Statement) -> None:
         """backfill-under-lock: UPDATE, DELETE, MERGE or INSERT ... SELECT (or a SELECT whose
         WITH writes, a CREATE TABLE AS or SELECT INTO copy) on a table the open transaction
         holds a lock on that queues the app. INSERT ... VALUES writes the rows it lists (seed
@@ -864,8 +867,8 @@ class _Checker:
                 "backfill-under-lock",
                 statement.text,
                 table=shown,
-                detail=f"{taken.kind} {within}runs in the transaction that holds {mode} on {shown} "
-                f"(taken by {by} in {where})",
+                detail=f"{taken.kind} {self.within}runs in the transaction that holds {mode} on "
+                f"{shown} (taken by {by} in {where})",
                 lock=mode,
             )
 
@@ -1093,41 +1096,6 @@ def _checked_statements(sql: str) -> Iterator[_Checked]:
             stop = start + raw["stmt_len"] if raw.get("stmt_len") else len(encoded)
             tables = _json_tables(node) if kind in _DML else None
             yield len(encoded[:start].decode()), kind, encoded[start:stop].decode(), tables
-
-
-_DML_NODES = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
-
-
-def _plpgsql_statements(node: Any) -> list[str]:
-    """The SQL statements a PL/pgSQL DO block runs as written (not what it EXECUTEs)."""
-    body = language = None
-    for option in node.args or ():
-        if option.defname == "as":
-            body = str(option.arg.sval)
-        elif option.defname == "language":
-            language = str(option.arg.sval)
-    if body is None or (language or "plpgsql").lower() != "plpgsql":
-        return []
-    tag = "$prosaas$"
-    while tag in body:
-        tag = tag[:-1] + "_$"
-    source = f"CREATE FUNCTION pg_temp.do_block() RETURNS void LANGUAGE plpgsql AS {tag}{body}{tag}"
-    try:
-        tree = json.loads(parse_plpgsql_json(source))
-    except (ParseError, ValueError, RecursionError):
-        return []  # the server rejects it (or it is too deep): nothing to judge here
-    found: list[str] = []
-    stack: list[Any] = [tree]
-    while stack:
-        each = stack.pop()
-        if isinstance(each, dict):
-            executed = each.get("PLpgSQL_stmt_execsql")
-            if isinstance(executed, dict):
-                found.append(executed["sqlstmt"]["PLpgSQL_expr"]["query"])
-            stack.extend(reversed(list(each.values())))
-        elif isinstance(each, list):
-            stack.extend(reversed(each))
-    return found
 
 
 def _json_writes(node: Any) -> bool:

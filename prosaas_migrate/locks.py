@@ -11,12 +11,15 @@ tables (ACCESS SHARE), which only the catalog knows: not listed either.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import pglast
 from pglast import ast
 from pglast.enums import ConstrType, ObjectType, ReindexObjectType, TransactionStmtKind
+from pglast.parser import ParseError, parse_plpgsql_json
 
 # PostgreSQL's eight table lock modes, weakest first (LOCK TABLE's mode numbers are index + 1).
 MODES: tuple[str, ...] = (
@@ -505,6 +508,52 @@ def _refresh(node: Any) -> StatementLocks:
     return StatementLocks(kind, (_lock(node.relation, mode),))
 
 
+def plpgsql_statements(node: Any) -> list[str]:
+    """The SQL statements a PL/pgSQL DO block runs as written (not what it EXECUTEs)."""
+    body = language = None
+    for option in node.args or ():
+        if option.defname == "as":
+            body = str(option.arg.sval)
+        elif option.defname == "language":
+            language = str(option.arg.sval)
+    if body is None or (language or "plpgsql").lower() != "plpgsql":
+        return []
+    tag = "$prosaas$"
+    while tag in body:
+        tag = tag[:-1] + "_$"
+    source = f"CREATE FUNCTION pg_temp.do_block() RETURNS void LANGUAGE plpgsql AS {tag}{body}{tag}"
+    try:
+        tree = json.loads(parse_plpgsql_json(source))
+    except (ParseError, ValueError, RecursionError):
+        return []  # the server rejects it (or it is too deep): nothing to judge here
+    found: list[str] = []
+    stack: list[Any] = [tree]
+    while stack:
+        each = stack.pop()
+        if isinstance(each, dict):
+            executed = each.get("PLpgSQL_stmt_execsql")
+            if isinstance(executed, dict):
+                found.append(executed["sqlstmt"]["PLpgSQL_expr"]["query"])
+            stack.extend(reversed(list(each.values())))
+        elif isinstance(each, list):
+            stack.extend(reversed(each))
+    return found
+
+
+def _do(node: Any) -> StatementLocks:
+    """A DO block takes what its own statements take (not what it runs through EXECUTE)."""
+    taken: list[TableLock] = []
+    for text in plpgsql_statements(node):
+        try:
+            parsed = pglast.parse_sql(text)
+        except ParseError:
+            continue
+        for raw in parsed:
+            if raw.stmt is not None and not isinstance(raw.stmt, ast.TransactionStmt | ast.DoStmt):
+                taken.extend(statement_locks(raw.stmt).locks)
+    return StatementLocks("DO", _merged(taken))
+
+
 def _no_lock(kind: str) -> Callable[[Any], StatementLocks]:
     def handler(_node: Any) -> StatementLocks:
         return StatementLocks(kind, ())
@@ -558,4 +607,5 @@ _HANDLERS: dict[type, Callable[[Any], StatementLocks]] = {
     ast.AlterExtensionStmt: _no_lock("ALTER EXTENSION"),
     ast.CreateFunctionStmt: _no_lock("CREATE FUNCTION"),
     ast.VariableSetStmt: _no_lock("SET"),
+    ast.DoStmt: _do,
 }

@@ -240,6 +240,16 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
             'op.execute("ALTER TABLE t ADD CONSTRAINT fk FOREIGN KEY (u_id) REFERENCES u (id) '
             'NOT VALID")',
         ),
+        (
+            "sql-do-block",
+            # The idempotent DO block runs its ALTER on the first deploy, as if written outside.
+            'op.execute("DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname '
+            "= 'fk') THEN ALTER TABLE t ADD CONSTRAINT fk FOREIGN KEY (u_id) REFERENCES u (id); "
+            'END IF; END $$")',
+            'op.execute("DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname '
+            "= 'fk') THEN ALTER TABLE t ADD CONSTRAINT fk FOREIGN KEY (u_id) REFERENCES u (id) "
+            'NOT VALID; END IF; END $$")',
+        ),
     ],
     "check-without-not-valid": [
         (

@@ -144,6 +144,13 @@ IN_TRANSACTION = [
     ("CREATE TYPE mood AS ENUM ('ok')", "CREATE TYPE AS ENUM"),
     ("CREATE SCHEMA s2", "CREATE SCHEMA"),
     ("CREATE EXTENSION IF NOT EXISTS plpgsql", "CREATE EXTENSION"),
+    # A DO block takes what its own statements take.
+    (
+        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'fk') THEN "
+        "ALTER TABLE t ADD CONSTRAINT fk FOREIGN KEY (u_id) REFERENCES u (id); END IF; "
+        "UPDATE w SET id = id; END $$",
+        "DO",
+    ),
     ("GRANT SELECT ON t TO PUBLIC", "GrantStmt"),
 ]
 # Reading a view reads its tables (ACCESS SHARE), which the SQL does not name: not listed.
