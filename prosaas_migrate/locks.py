@@ -540,6 +540,36 @@ def plpgsql_statements(node: Any) -> list[str]:
     return found
 
 
+# ALTER ... SET SCHEMA of each kind of relation: ACCESS EXCLUSIVE on it.
+_MOVED = {
+    ObjectType.OBJECT_TABLE: ("ALTER TABLE SET SCHEMA", TABLE),
+    ObjectType.OBJECT_VIEW: ("ALTER VIEW SET SCHEMA", TABLE),
+    ObjectType.OBJECT_MATVIEW: ("ALTER MATERIALIZED VIEW SET SCHEMA", TABLE),
+    ObjectType.OBJECT_FOREIGN_TABLE: ("ALTER FOREIGN TABLE SET SCHEMA", TABLE),
+    ObjectType.OBJECT_SEQUENCE: ("ALTER SEQUENCE SET SCHEMA", SEQUENCE),
+}
+
+
+def _set_schema(node: Any) -> StatementLocks:
+    if node.objectType in _MOVED and node.relation is not None:
+        kind, relkind = _MOVED[node.objectType]
+        return StatementLocks(kind, (_lock(node.relation, _A_X, relkind),))
+    return StatementLocks(f"ALTER {_object_name(node.objectType)} SET SCHEMA", ())
+
+
+def _rule(node: Any) -> StatementLocks:
+    return StatementLocks("CREATE RULE", (_lock(node.relation, _A_X),))
+
+
+def _policy(node: Any) -> StatementLocks:
+    return StatementLocks("CREATE POLICY", (_lock(node.table, _A_X),))
+
+
+def _statistics(node: Any) -> StatementLocks:
+    relations = [rel for rel in node.relations or () if isinstance(rel, ast.RangeVar)]
+    return StatementLocks("CREATE STATISTICS", _merged(_lock(rel, _S_U_X) for rel in relations))
+
+
 def _do(node: Any) -> StatementLocks:
     """A DO block takes what its own statements take (not what it runs through EXECUTE)."""
     taken: list[TableLock] = []
@@ -608,4 +638,8 @@ _HANDLERS: dict[type, Callable[[Any], StatementLocks]] = {
     ast.CreateFunctionStmt: _no_lock("CREATE FUNCTION"),
     ast.VariableSetStmt: _no_lock("SET"),
     ast.DoStmt: _do,
+    ast.AlterObjectSchemaStmt: _set_schema,
+    ast.RuleStmt: _rule,
+    ast.CreatePolicyStmt: _policy,
+    ast.CreateStatsStmt: _statistics,
 }

@@ -144,6 +144,10 @@ IN_TRANSACTION = [
     ("CREATE TYPE mood AS ENUM ('ok')", "CREATE TYPE AS ENUM"),
     ("CREATE SCHEMA s2", "CREATE SCHEMA"),
     ("CREATE EXTENSION IF NOT EXISTS plpgsql", "CREATE EXTENSION"),
+    ("ALTER TABLE w SET SCHEMA s", "ALTER TABLE SET SCHEMA"),
+    ("CREATE RULE r AS ON INSERT TO w DO INSTEAD NOTHING", "CREATE RULE"),
+    ("CREATE POLICY p ON t USING (true)", "CREATE POLICY"),
+    ("CREATE STATISTICS st ON a, b FROM t", "CREATE STATISTICS"),
     # A DO block takes what its own statements take.
     (
         "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'fk') THEN "
