@@ -289,6 +289,7 @@ _CHECKED_STATEMENTS = frozenset(
         "TruncateStmt",
         "CreateTrigStmt",
         "RefreshMatViewStmt",
+        "AlterObjectSchemaStmt",
         *{"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt", "DoStmt"},
     }
 )
@@ -597,6 +598,7 @@ class _Checker:
             ast.VacuumStmt: self._vacuum,
             ast.ClusterStmt: self._cluster,
             ast.LockStmt: self._lock,
+            ast.AlterObjectSchemaStmt: self._set_schema,
             ast.InsertStmt: self._dml,
             ast.UpdateStmt: self._dml,
             ast.DeleteStmt: self._dml,
@@ -666,6 +668,10 @@ class _Checker:
             old = _table(node.relation)
             if old in self.held:
                 self.held[(old[0], str(node.newname))] = self.held.pop(old)
+        elif isinstance(node, ast.AlterObjectSchemaStmt) and node.relation is not None:
+            old = _table(node.relation)
+            if old in self.held:
+                self.held[(str(node.newschema), old[1])] = self.held.pop(old)
 
     def _lock_table(self, lock: locks.TableLock) -> _Table | None:
         """The table a lock is on, as the model knows it (an index's table, if it knows)."""
@@ -1023,6 +1029,19 @@ class _Checker:
             checks = self.checks.get(_table(node.relation), {})
             if node.subname in checks:
                 checks[node.newname] = checks.pop(node.subname)
+
+    def _set_schema(self, statement: _Statement) -> None:
+        """ALTER TABLE ... SET SCHEMA: to the running image's queries, a rename."""
+        node = statement.node
+        if node.objectType != ObjectType.OBJECT_TABLE or node.relation is None:
+            return
+        old, new = _table(node.relation), (str(node.newschema), node.relation.relname)
+        if old in self.checks:
+            self.checks[new] = self.checks.pop(old)
+        if self._is_new(node.relation):
+            self.created.add(new)
+        else:
+            self._report("rename-table", statement.text, table=_name(node.relation))
 
     def _drop(self, statement: _Statement) -> None:
         node = statement.node

@@ -322,6 +322,16 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
             'op.execute("ALTER TABLE IF EXISTS public.t RENAME TO t2")',
             'op.execute("CREATE VIEW t2 AS SELECT * FROM t")',
         ),
+        (
+            "sql-set-schema",
+            # Another schema: the running image's unqualified queries no longer find it. A
+            # table the revision creates is nobody's yet, wherever it moves.
+            'op.execute("CREATE SCHEMA app")\nop.execute("ALTER TABLE t SET SCHEMA app")',
+            'op.execute("CREATE SCHEMA app")\n'
+            'op.execute("CREATE TABLE fresh (id int)")\n'
+            'op.execute("ALTER TABLE fresh SET SCHEMA app")\n'
+            'op.execute("CREATE INDEX ix_fresh ON app.fresh (id)")',
+        ),
     ],
     "drop-column": [
         (
@@ -1734,6 +1744,20 @@ def test_a_backfill_is_judged_by_the_locks_its_transaction_holds(
     assert "taken by ALTER TABLE ADD COLUMN in revision r002" in finding.message
     # --since r002: the database is at r002, so the upgrade's transaction holds nothing yet.
     assert rules(lint_at(root, since="r002")) == []
+
+
+def test_a_lock_moves_with_its_table_to_another_schema(tmp_path: Path) -> None:
+    root = new_project(tmp_path)
+    write_revision(
+        root,
+        "r002",
+        "r001",
+        'op.execute("CREATE SCHEMA app")\n'
+        'op.execute("ALTER TABLE t ADD COLUMN c int")\n'
+        'op.execute("ALTER TABLE t SET SCHEMA app")\n'
+        'op.execute("UPDATE app.t SET c = 0")',
+    )
+    assert rules(lint_at(root)) == [("r002", "rename-table"), ("r002", "backfill-under-lock")]
 
 
 @pytest.mark.parametrize("per_migration", [False, True], ids=["one-transaction", "per-migration"])
