@@ -27,6 +27,9 @@ class ColumnType:
     name: str  # "varchar", "int4", "numeric", "text", or a user type's (last) name
     modifiers: tuple[int, ...] = ()  # varchar(100): (100,); numeric(10, 2): (10, 2)
     array: int = 0  # dimensions: text[] is 1
+    # The column's COLLATE, when it names one other than "default" (not part of the type: an
+    # ALTER ... TYPE without COLLATE resets it to the default, and rebuilds the indexes).
+    collation: str | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         shown = _SHOWN.get(self.name, self.name)
@@ -62,8 +65,9 @@ _ALIASES = {
 }
 
 
-def column_type(type_name: Any) -> ColumnType | None:
-    """The ColumnType of a pglast TypeName; None when a modifier is not a plain number."""
+def column_type(type_name: Any, collate: Any = None) -> ColumnType | None:
+    """The ColumnType of a pglast TypeName (and a column's CollateClause); None when a modifier
+    is not a plain number."""
     if type_name is None or not type_name.names or type_name.pct_type:
         return None
     name = str(type_name.names[-1].sval).lower()
@@ -73,7 +77,13 @@ def column_type(type_name: Any) -> ColumnType | None:
         if not isinstance(value, ast.Integer):
             return None  # interval's field names, a parameter: not judged
         modifiers.append(int(value.ival or 0))
-    return ColumnType(_ALIASES.get(name, name), tuple(modifiers), len(type_name.arrayBounds or ()))
+    collation = str(collate.collname[-1].sval) if collate is not None else None
+    return ColumnType(
+        _ALIASES.get(name, name),
+        tuple(modifiers),
+        len(type_name.arrayBounds or ()),
+        None if collation == "default" else collation,
+    )
 
 
 # Types of one binary representation that PostgreSQL casts by relabelling (no rewrite).
@@ -159,7 +169,7 @@ class Schema:
         columns: dict[str, ColumnType | None] = {}
         for element in node.tableElts or ():
             if isinstance(element, ast.ColumnDef):
-                columns[str(element.colname)] = column_type(element.typeName)
+                columns[str(element.colname)] = column_type(element.typeName, element.collClause)
             elif isinstance(element, ast.TableLikeClause):
                 known = False
         # Inherited or LIKE columns are unknown: such a table answers None for any column.
@@ -187,11 +197,12 @@ class Schema:
                     # ADD COLUMN IF NOT EXISTS of a column it has (or may have): kept as it was.
                     columns.setdefault(name, None)
                     continue
-                columns[name] = column_type(command.def_.typeName)
+                columns[name] = column_type(command.def_.typeName, command.def_.collClause)
             elif subtype == "AT_DropColumn":
                 columns.pop(command.name, None)
             elif subtype == "AT_AlterColumnType":
-                columns[command.name] = column_type(command.def_.typeName)
+                definition = command.def_
+                columns[command.name] = column_type(definition.typeName, definition.collClause)
 
     def _rename(self, node: Any) -> None:
         if node.renameType == ObjectType.OBJECT_TABLE:

@@ -289,7 +289,8 @@ _CHECKED_STATEMENTS = frozenset(
         "TruncateStmt",
         "CreateTrigStmt",
         "RefreshMatViewStmt",
-        *{"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"},
+        "AlterObjectSchemaStmt",
+        *{"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt", "DoStmt"},
     }
 )
 # DML is parsed only while the transaction holds a lock that queues the application: a data
@@ -583,11 +584,12 @@ class _Checker:
         self.file = ""  # the revision's file as the report shows it
         self.found: list[Finding] = []
         self.line: int | None = None  # the revision file's line of the statement being checked
+        self.within = ""  # "in a DO block " while checking a DO block's own statements
         self._handlers: dict[type, Callable[[_Statement], None]] = {
             ast.TransactionStmt: self._transaction,
             ast.CreateStmt: self._create_table,
             ast.CreateTableAsStmt: self._create_table_as,
-            ast.SelectStmt: self._select_into,
+            ast.SelectStmt: self._select,
             ast.IndexStmt: self._index,
             ast.AlterTableStmt: self._alter_table,
             ast.RenameStmt: self._rename,
@@ -596,14 +598,21 @@ class _Checker:
             ast.VacuumStmt: self._vacuum,
             ast.ClusterStmt: self._cluster,
             ast.LockStmt: self._lock,
+            ast.AlterObjectSchemaStmt: self._set_schema,
             ast.InsertStmt: self._dml,
             ast.UpdateStmt: self._dml,
             ast.DeleteStmt: self._dml,
             ast.MergeStmt: self._dml,
+            ast.DoStmt: self._do,
         }
 
     def chunk(self, chunk: offline.Chunk) -> list[Finding]:
-        if chunk.session_start:
+        if chunk.resumed:
+            # Rendering started over after a revision that failed offline; the real upgrade
+            # goes on in its transaction: the locks stay held (a COMMIT already rendered, as
+            # with transaction_per_migration, has let them go).
+            self.in_transaction = False
+        elif chunk.session_start:
             self.new_session()
         self.revision = chunk.revision
         self.file = offline.display_path(chunk.revision.path) if chunk.revision else ""
@@ -623,12 +632,15 @@ class _Checker:
             self.line = statement.line
             if self.revision is None and not isinstance(statement.node, ast.TransactionStmt):
                 continue  # Alembic's own statements around the revisions
-            handler = self._handlers.get(type(statement.node))
-            if handler is not None:
-                handler(statement)
-            self._hold(statement)
-            self.schema.apply(statement.node)
+            self._check(statement)
         return self.found
+
+    def _check(self, statement: _Statement) -> None:
+        handler = self._handlers.get(type(statement.node))
+        if handler is not None:
+            handler(statement)
+        self._hold(statement)
+        self.schema.apply(statement.node)
 
     def new_session(self) -> None:
         """A fresh connection: no transaction open, no lock held."""
@@ -638,9 +650,11 @@ class _Checker:
     def _hold(self, statement: _Statement) -> None:
         """Note the locks that queue the app which the statement leaves the transaction holding."""
         taken = locks.statement_locks(statement.node)
-        if taken.transaction_control or not self.in_transaction:
+        if not self.in_transaction:
             self.held = {}  # a transaction ended (or each statement is its own)
             return
+        if taken.transaction_control:
+            return  # SAVEPOINT, RELEASE: the transaction and its locks go on
         for lock in taken.locks:
             table = self._lock_table(lock)
             if table is None or table in self.created or not locks.queues_app(lock.mode):
@@ -654,6 +668,10 @@ class _Checker:
             old = _table(node.relation)
             if old in self.held:
                 self.held[(old[0], str(node.newname))] = self.held.pop(old)
+        elif isinstance(node, ast.AlterObjectSchemaStmt) and node.relation is not None:
+            old = _table(node.relation)
+            if old in self.held:
+                self.held[(str(node.newschema), old[1])] = self.held.pop(old)
 
     def _lock_table(self, lock: locks.TableLock) -> _Table | None:
         """The table a lock is on, as the model knows it (an index's table, if it knows)."""
@@ -752,13 +770,18 @@ class _Checker:
                 self._remember_check(table, element, validated=True)
 
     def _create_table_as(self, statement: _Statement) -> None:
+        into = statement.node.into
         if not statement.node.if_not_exists:
-            self.created.add(_table(statement.node.into.rel))
+            self.created.add(_table(into.rel))
+        if not into.skipData:  # WITH NO DATA reads nothing
+            self._dml(statement)  # a copy of a locked table holds the lock as long as it runs
 
-    def _select_into(self, statement: _Statement) -> None:
+    def _select(self, statement: _Statement) -> None:
         into = statement.node.intoClause
         if into is not None:  # SELECT ... INTO creates the table, as CREATE TABLE AS does
             self.created.add(_table(into.rel))
+        if into is not None or locks.writing_ctes(statement.node):
+            self._dml(statement)  # a copy, or a WITH that writes: as INSERT ... SELECT
 
     def _index(self, statement: _Statement) -> None:
         node = statement.node
@@ -811,10 +834,29 @@ class _Checker:
             where = table[1] if table[0] == _DEFAULT_SCHEMA else ".".join(table)
         self._report(rule, statement.text, table=where, detail=shown)
 
+    def _do(self, statement: _Statement) -> None:
+        """A DO block's own statements, checked as if written outside it, in its transaction
+        (the idempotent `IF NOT EXISTS (...) THEN ALTER TABLE ...` runs on the first deploy);
+        what it runs through EXECUTE is text only the server sees."""
+        for text in locks.plpgsql_statements(statement.node):
+            try:
+                parsed = pglast.parse_sql(text)
+            except ParseError:
+                continue
+            for raw in parsed:
+                if isinstance(raw.stmt, ast.TransactionStmt | ast.DoStmt):
+                    continue  # not in a DO block that runs in a transaction
+                self.within = "in a DO block "
+                try:
+                    self._check(_Statement(raw.stmt, statement.text, statement.line))
+                finally:
+                    self.within = ""
+
     def _dml(self, statement: _Statement) -> None:
-        """backfill-under-lock: UPDATE, DELETE, MERGE or INSERT ... SELECT on a table the open
-        transaction holds a lock on that queues the app. INSERT ... VALUES writes the rows it
-        lists (seed data), not a backfill: it is not reported."""
+        """backfill-under-lock: UPDATE, DELETE, MERGE or INSERT ... SELECT (or a SELECT whose
+        WITH writes, a CREATE TABLE AS or SELECT INTO copy) on a table the open transaction
+        holds a lock on that queues the app. INSERT ... VALUES writes the rows it lists (seed
+        data), not a backfill: it is not reported."""
         taken = locks.statement_locks(statement.node)
         if taken.kind == "INSERT":
             return
@@ -831,8 +873,8 @@ class _Checker:
                 "backfill-under-lock",
                 statement.text,
                 table=shown,
-                detail=f"{taken.kind} runs in the transaction that holds {mode} on {shown} "
-                f"(taken by {by} in {where})",
+                detail=f"{taken.kind} {self.within}runs in the transaction that holds {mode} on "
+                f"{shown} (taken by {by} in {where})",
                 lock=mode,
             )
 
@@ -895,6 +937,11 @@ class _Checker:
         old = self.schema.type_of(_table(relation), command.name)
         if column.collClause is not None:
             detail = f"to {new or 'a new type'} with a new collation (its indexes are rebuilt)"
+        elif old is not None and old.collation is not None:
+            detail = (
+                f'from {old} COLLATE "{old.collation}" to {new or "a new type"}, which resets '
+                "its collation to the default (its indexes are rebuilt)"
+            )
         elif old is None:
             detail = (
                 f"to {new or 'a new type'}, from a type lint does not know (no revision it "
@@ -983,6 +1030,19 @@ class _Checker:
             if node.subname in checks:
                 checks[node.newname] = checks.pop(node.subname)
 
+    def _set_schema(self, statement: _Statement) -> None:
+        """ALTER TABLE ... SET SCHEMA: to the running image's queries, a rename."""
+        node = statement.node
+        if node.objectType != ObjectType.OBJECT_TABLE or node.relation is None:
+            return
+        old, new = _table(node.relation), (str(node.newschema), node.relation.relname)
+        if old in self.checks:
+            self.checks[new] = self.checks.pop(old)
+        if self._is_new(node.relation):
+            self.created.add(new)
+        else:
+            self._report("rename-table", statement.text, table=_name(node.relation))
+
     def _drop(self, statement: _Statement) -> None:
         node = statement.node
         if node.concurrent:
@@ -1048,11 +1108,29 @@ def _checked_statements(sql: str) -> Iterator[_Checked]:
     encoded = sql.encode()  # the parser's offsets count bytes
     for raw in statements:
         kind, node = next(iter(raw["stmt"].items()))
-        if kind in _CHECKED_STATEMENTS or (kind == "SelectStmt" and "intoClause" in node):
+        if kind in _CHECKED_STATEMENTS or (
+            kind == "SelectStmt" and ("intoClause" in node or _json_writes(node))
+        ):
             start = raw.get("stmt_location", 0)
             stop = start + raw["stmt_len"] if raw.get("stmt_len") else len(encoded)
             tables = _json_tables(node) if kind in _DML else None
             yield len(encoded[:start].decode()), kind, encoded[start:stop].decode(), tables
+
+
+def _json_writes(node: Any) -> bool:
+    """Whether a SELECT's JSON tree has a data-modifying WITH (WITH d AS (DELETE ...) SELECT)."""
+    if "withClause" not in node:
+        return False
+    stack = [node["withClause"]]
+    while stack:
+        each = stack.pop()
+        if isinstance(each, dict):
+            if _DML & each.keys():
+                return True
+            stack.extend(each.values())
+        elif isinstance(each, list):
+            stack.extend(each)
+    return False
 
 
 def _json_tables(tree: Any) -> frozenset[_Table]:
@@ -1074,7 +1152,11 @@ def _checked_statements_deep(sql: str) -> Iterator[_Checked]:
     """_checked_statements through pglast's tree, which it builds without Python recursion."""
     for raw in pglast.parse_sql(sql):
         kind = type(raw.stmt).__name__
-        if kind in _CHECKED_STATEMENTS or getattr(raw.stmt, "intoClause", None) is not None:
+        if (
+            kind in _CHECKED_STATEMENTS
+            or getattr(raw.stmt, "intoClause", None) is not None
+            or (kind == "SelectStmt" and locks.writing_ctes(raw.stmt))
+        ):
             start = raw.stmt_location or 0  # pglast's tree counts characters
             text = sql[start : start + raw.stmt_len if raw.stmt_len else len(sql)]
             yield start, kind, text, None

@@ -11,12 +11,15 @@ tables (ACCESS SHARE), which only the catalog knows: not listed either.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import pglast
 from pglast import ast
 from pglast.enums import ConstrType, ObjectType, ReindexObjectType, TransactionStmtKind
+from pglast.parser import ParseError, parse_plpgsql_json
 
 # PostgreSQL's eight table lock modes, weakest first (LOCK TABLE's mode numbers are index + 1).
 MODES: tuple[str, ...] = (
@@ -147,13 +150,28 @@ def _read(statement: Any, *, skip: Any = None) -> list[TableLock]:
     nodes = list(_walk(statement))
     ctes = {node.ctename for node in nodes if isinstance(node, ast.CommonTableExpr)}
     locking = any(isinstance(node, ast.LockingClause) for node in nodes)
+    # A data-modifying WITH (WITH d AS (DELETE FROM a ...) ...) writes its target: ROW EXCLUSIVE.
+    written = {id(node.relation) for node in nodes if isinstance(node, _WRITES)}
     return [
-        _lock(node, _R_S if locking else _A_S)
+        _lock(node, _R_X if id(node) in written else _R_S if locking else _A_S)
         for node in nodes
         if isinstance(node, ast.RangeVar)
         and node is not skip
         and (node.schemaname or node.relname not in ctes)
     ]
+
+
+_WRITES = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
+
+
+def writing_ctes(node: Any) -> list[str]:
+    """The kinds of the data-modifying statements a WITH clause of `node` runs ("UPDATE"...)."""
+    names = {ast.InsertStmt: "INSERT", ast.UpdateStmt: "UPDATE", ast.DeleteStmt: "DELETE"}
+    found = []
+    for each in _walk(getattr(node, "withClause", None)):
+        if isinstance(each, _WRITES):
+            found.append(names.get(type(each), "MERGE"))
+    return found
 
 
 # -- one handler per statement type ------------------------------------------------------------
@@ -453,7 +471,11 @@ def _select(node: Any) -> StatementLocks:
     """A SELECT ... INTO's new table is not listed (nobody sees it before COMMIT)."""
     into = node.intoClause
     reads = _read(node, skip=into.rel if into is not None else None)
-    return StatementLocks("SELECT INTO" if into is not None else "SELECT", _merged(reads))
+    writes = writing_ctes(node)
+    kind = "SELECT INTO" if into is not None else "SELECT"
+    if writes:
+        kind = f"WITH ... {writes[0]} ... {kind}"
+    return StatementLocks(kind, _merged(reads))
 
 
 def _create_trigger(node: Any) -> StatementLocks:
@@ -484,6 +506,82 @@ def _refresh(node: Any) -> StatementLocks:
     mode = _X if node.concurrent else _A_X
     kind = "REFRESH MATERIALIZED VIEW" + (" CONCURRENTLY" if node.concurrent else "")
     return StatementLocks(kind, (_lock(node.relation, mode),))
+
+
+def plpgsql_statements(node: Any) -> list[str]:
+    """The SQL statements a PL/pgSQL DO block runs as written (not what it EXECUTEs)."""
+    body = language = None
+    for option in node.args or ():
+        if option.defname == "as":
+            body = str(option.arg.sval)
+        elif option.defname == "language":
+            language = str(option.arg.sval)
+    if body is None or (language or "plpgsql").lower() != "plpgsql":
+        return []
+    tag = "$prosaas$"
+    while tag in body:
+        tag = tag[:-1] + "_$"
+    source = f"CREATE FUNCTION pg_temp.do_block() RETURNS void LANGUAGE plpgsql AS {tag}{body}{tag}"
+    try:
+        tree = json.loads(parse_plpgsql_json(source))
+    except (ParseError, ValueError, RecursionError):
+        return []  # the server rejects it (or it is too deep): nothing to judge here
+    found: list[str] = []
+    stack: list[Any] = [tree]
+    while stack:
+        each = stack.pop()
+        if isinstance(each, dict):
+            executed = each.get("PLpgSQL_stmt_execsql")
+            if isinstance(executed, dict):
+                found.append(executed["sqlstmt"]["PLpgSQL_expr"]["query"])
+            stack.extend(reversed(list(each.values())))
+        elif isinstance(each, list):
+            stack.extend(reversed(each))
+    return found
+
+
+# ALTER ... SET SCHEMA of each kind of relation: ACCESS EXCLUSIVE on it.
+_MOVED = {
+    ObjectType.OBJECT_TABLE: ("ALTER TABLE SET SCHEMA", TABLE),
+    ObjectType.OBJECT_VIEW: ("ALTER VIEW SET SCHEMA", TABLE),
+    ObjectType.OBJECT_MATVIEW: ("ALTER MATERIALIZED VIEW SET SCHEMA", TABLE),
+    ObjectType.OBJECT_FOREIGN_TABLE: ("ALTER FOREIGN TABLE SET SCHEMA", TABLE),
+    ObjectType.OBJECT_SEQUENCE: ("ALTER SEQUENCE SET SCHEMA", SEQUENCE),
+}
+
+
+def _set_schema(node: Any) -> StatementLocks:
+    if node.objectType in _MOVED and node.relation is not None:
+        kind, relkind = _MOVED[node.objectType]
+        return StatementLocks(kind, (_lock(node.relation, _A_X, relkind),))
+    return StatementLocks(f"ALTER {_object_name(node.objectType)} SET SCHEMA", ())
+
+
+def _rule(node: Any) -> StatementLocks:
+    return StatementLocks("CREATE RULE", (_lock(node.relation, _A_X),))
+
+
+def _policy(node: Any) -> StatementLocks:
+    return StatementLocks("CREATE POLICY", (_lock(node.table, _A_X),))
+
+
+def _statistics(node: Any) -> StatementLocks:
+    relations = [rel for rel in node.relations or () if isinstance(rel, ast.RangeVar)]
+    return StatementLocks("CREATE STATISTICS", _merged(_lock(rel, _S_U_X) for rel in relations))
+
+
+def _do(node: Any) -> StatementLocks:
+    """A DO block takes what its own statements take (not what it runs through EXECUTE)."""
+    taken: list[TableLock] = []
+    for text in plpgsql_statements(node):
+        try:
+            parsed = pglast.parse_sql(text)
+        except ParseError:
+            continue
+        for raw in parsed:
+            if raw.stmt is not None and not isinstance(raw.stmt, ast.TransactionStmt | ast.DoStmt):
+                taken.extend(statement_locks(raw.stmt).locks)
+    return StatementLocks("DO", _merged(taken))
 
 
 def _no_lock(kind: str) -> Callable[[Any], StatementLocks]:
@@ -539,4 +637,9 @@ _HANDLERS: dict[type, Callable[[Any], StatementLocks]] = {
     ast.AlterExtensionStmt: _no_lock("ALTER EXTENSION"),
     ast.CreateFunctionStmt: _no_lock("CREATE FUNCTION"),
     ast.VariableSetStmt: _no_lock("SET"),
+    ast.DoStmt: _do,
+    ast.AlterObjectSchemaStmt: _set_schema,
+    ast.RuleStmt: _rule,
+    ast.CreatePolicyStmt: _policy,
+    ast.CreateStatsStmt: _statistics,
 }

@@ -52,6 +52,9 @@ class Chunk:
     revision: Script | None = None  # None: a session's opening or closing (BEGIN;, COMMIT;)
     error: str | None = None  # the revision could not be rendered offline: why, in one line
     session_start: bool = False  # the first chunk of a fresh session: no transaction is open
+    # A session that goes on after a revision that could not be rendered: online, the upgrade
+    # would have gone on in the same transaction, with the locks it holds.
+    resumed: bool = False
     # Where the revision file's code wrote each piece of its SQL: (offset in `sql`, line), in
     # order; the line of a failed revision's error, when the error passed through its file.
     lines: tuple[tuple[int, int], ...] = ()
@@ -59,8 +62,18 @@ class Chunk:
     error_hint: str | None = None  # what to do instead, when the error is a known idiom
 
     def line_of(self, start: int, stop: int) -> int | None:
-        """The revision file's line whose operation wrote the SQL in [start, stop), if known."""
-        return next((line for at, line in self.lines if start <= at < stop), None)
+        """The revision file's line whose operation wrote the SQL in [start, stop), if known.
+
+        A write that begins inside the statement wrote it; else the statement is a later one
+        of an earlier write (op.execute("ALTER ...; UPDATE ...")): that write's line.
+        """
+        before = None
+        for at, line in self.lines:
+            if start <= at < stop:
+                return line
+            if at <= start:
+                before = line
+        return before
 
 
 @dataclass
@@ -260,6 +273,7 @@ def _render_all(
     first = True
     while todo or first:
         feeder = _Feeder(script, todo, heads)
+        feeder.resumed = not first
         session = _session(cfg, script, feeder, engine, result)
         if session is None:  # env.py could not render at all: go on with our own context
             continue
@@ -367,6 +381,7 @@ class _Feeder:
         self.lines: list[tuple[int, int]] = []  # (offset, line of the current revision's file)
         self.error_line: int | None = None
         self.error_hint: str | None = None
+        self.resumed = False  # this session goes on after a revision that failed to render
 
     def steps(self, _heads: Any, context: MigrationContext) -> Iterator[MigrationStep]:
         self.started = True
@@ -387,8 +402,8 @@ class _Feeder:
     def chunks(self, text: str, failure: str | None) -> list[Chunk]:
         """Cut the session's output at each revision's start; a failed revision keeps no SQL."""
         if not self.starts:
-            return [Chunk(text, session_start=True)]
-        out = [Chunk(text[: self.starts[0]], session_start=True)]
+            return [Chunk(text, session_start=True, resumed=self.resumed)]
+        out = [Chunk(text[: self.starts[0]], session_start=True, resumed=self.resumed)]
         bounds = [*self.starts[1:], self.end if self.end is not None else len(text)]
         for revision, start, stop in zip(self.done, self.starts, bounds, strict=False):
             lines = tuple((at - start, line) for at, line in self.lines if start <= at < stop)

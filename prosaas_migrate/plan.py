@@ -194,7 +194,16 @@ def _plan_on(conn: psycopg.Connection[Any], goal: Target, variable: str, plan: P
     for chunk in rendering.chunks:
         if chunk.revision is not None and chunk.error is not None:
             by_id[chunk.revision.revision].error = chunk.error
-    for finding in lint.check(rendering, revisions_checked=len(pending)).findings:
+    # What the applied revisions built (column types, indexes, checks) judges the pending
+    # ones, as `lint --since` judges them: replayed, never reported.
+    applied = migrations.committed(script, position.current)
+    try:
+        earlier = [r for r in offline.select(script, None)[0] if r.revision in applied]
+    except MigrateError:  # the scripts' order cannot be read: judged without the history
+        earlier = []
+    history = offline.render(cfg, script, earlier) if earlier else None
+    report = lint.check(rendering, revisions_checked=len(pending), history=history)
+    for finding in report.findings:
         by_id[finding.revision].findings.append(asdict(finding))
     tables = _Tables()
     judged = tables.judge(lint.statements(rendering))

@@ -240,6 +240,16 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
             'op.execute("ALTER TABLE t ADD CONSTRAINT fk FOREIGN KEY (u_id) REFERENCES u (id) '
             'NOT VALID")',
         ),
+        (
+            "sql-do-block",
+            # The idempotent DO block runs its ALTER on the first deploy, as if written outside.
+            'op.execute("DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname '
+            "= 'fk') THEN ALTER TABLE t ADD CONSTRAINT fk FOREIGN KEY (u_id) REFERENCES u (id); "
+            'END IF; END $$")',
+            'op.execute("DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname '
+            "= 'fk') THEN ALTER TABLE t ADD CONSTRAINT fk FOREIGN KEY (u_id) REFERENCES u (id) "
+            'NOT VALID; END IF; END $$")',
+        ),
     ],
     "check-without-not-valid": [
         (
@@ -311,6 +321,16 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
             "sql",
             'op.execute("ALTER TABLE IF EXISTS public.t RENAME TO t2")',
             'op.execute("CREATE VIEW t2 AS SELECT * FROM t")',
+        ),
+        (
+            "sql-set-schema",
+            # Another schema: the running image's unqualified queries no longer find it. A
+            # table the revision creates is nobody's yet, wherever it moves.
+            'op.execute("CREATE SCHEMA app")\nop.execute("ALTER TABLE t SET SCHEMA app")',
+            'op.execute("CREATE SCHEMA app")\n'
+            'op.execute("CREATE TABLE fresh (id int)")\n'
+            'op.execute("ALTER TABLE fresh SET SCHEMA app")\n'
+            'op.execute("CREATE INDEX ix_fresh ON app.fresh (id)")',
         ),
     ],
     "drop-column": [
@@ -390,6 +410,47 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
             'op.execute("INSERT INTO t (id, b) SELECT id, id FROM u")',
             'op.execute("INSERT INTO t (id, b) SELECT id, id FROM u")\n'
             'op.execute("CREATE TRIGGER tr BEFORE INSERT ON t EXECUTE FUNCTION f()")',
+        ),
+        (
+            "sql-writing-with",
+            # A SELECT whose WITH updates t is an UPDATE of t; a WITH that only reads is not.
+            'op.execute("ALTER TABLE t ADD COLUMN c int")\n'
+            'op.execute("WITH x AS (UPDATE t SET c = a RETURNING id) SELECT count(*) FROM x")',
+            'op.execute("ALTER TABLE t ADD COLUMN c int")\n'
+            'op.execute("WITH x AS (SELECT id FROM u) SELECT count(*) FROM x")',
+        ),
+        (
+            "sql-savepoint",
+            # A SAVEPOINT (or its RELEASE) ends no transaction: the lock is still held.
+            'op.execute("ALTER TABLE t ADD COLUMN c int")\n'
+            'op.execute("SAVEPOINT backfill")\n'
+            'op.execute("UPDATE t SET c = a")\n'
+            'op.execute("RELEASE SAVEPOINT backfill")',
+            'op.execute("SAVEPOINT backfill")\n'
+            'op.execute("UPDATE t SET a = 0")\n'
+            'op.execute("RELEASE SAVEPOINT backfill")\n'
+            'op.execute("ALTER TABLE t ADD COLUMN c int")',
+        ),
+        (
+            "sql-do-block",
+            # A DO block's own statements run in the transaction; one that only creates a type
+            # or seeds a row is no backfill.
+            'op.execute("ALTER TABLE t ADD COLUMN c int")\n'
+            'op.execute("DO $$ DECLARE r record; BEGIN FOR r IN SELECT id FROM u LOOP '
+            'UPDATE t SET c = r.id WHERE u_id = r.id; END LOOP; END $$")',
+            'op.execute("ALTER TABLE t ADD COLUMN c int")\n'
+            "op.execute(\"DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_type WHERE typname = 'e') "
+            "THEN CREATE TYPE e AS ENUM ('a'); END IF; INSERT INTO t (id, b) VALUES (1, 1); "
+            'END $$")',
+        ),
+        (
+            "sql-copy",
+            # A copy of the locked table reads all of it under the lock; WITH NO DATA reads none.
+            'op.execute("ALTER TABLE t ADD COLUMN c int")\n'
+            'op.execute("CREATE TABLE t_copy AS SELECT * FROM t")\n'
+            'op.execute("SELECT * INTO t_copy2 FROM t")',
+            'op.execute("ALTER TABLE t ADD COLUMN c int")\n'
+            'op.execute("CREATE TABLE t_copy AS SELECT * FROM t WITH NO DATA")',
         ),
     ],
     "syntax-error": [
@@ -1685,6 +1746,42 @@ def test_a_backfill_is_judged_by_the_locks_its_transaction_holds(
     assert rules(lint_at(root, since="r002")) == []
 
 
+def test_a_lock_moves_with_its_table_to_another_schema(tmp_path: Path) -> None:
+    root = new_project(tmp_path)
+    write_revision(
+        root,
+        "r002",
+        "r001",
+        'op.execute("CREATE SCHEMA app")\n'
+        'op.execute("ALTER TABLE t ADD COLUMN c int")\n'
+        'op.execute("ALTER TABLE t SET SCHEMA app")\n'
+        'op.execute("UPDATE app.t SET c = 0")',
+    )
+    assert rules(lint_at(root)) == [("r002", "rename-table"), ("r002", "backfill-under-lock")]
+
+
+@pytest.mark.parametrize("per_migration", [False, True], ids=["one-transaction", "per-migration"])
+def test_a_revision_that_fails_offline_does_not_end_the_transaction(
+    tmp_path: Path, per_migration: bool
+) -> None:
+    # Rendering starts a new session after r003; online, the upgrade goes on in the same
+    # transaction, so r004's backfill runs under r002's lock (unless each revision commits).
+    root = new_project(tmp_path)
+    if per_migration:
+        env = root / "migrations" / "env.py"
+        env.write_text(env.read_text().replace(PER_MIGRATION_ANCHOR, PER_MIGRATION, 1))
+    write_revision(root, "r002", "r001", 'op.add_column("t", sa.Column("c", sa.Integer))')
+    write_revision(
+        root, "r003", "r002", 'op.get_bind().execute(sa.text("SELECT count(*) FROM t")).scalar()'
+    )
+    write_revision(root, "r004", "r003", 'op.execute("UPDATE t SET c = 0")')
+    found = rules(lint_at(root))
+    if per_migration:
+        assert found == [("r003", "offline-render-failed")]
+    else:
+        assert found == [("r003", "offline-render-failed"), ("r004", "backfill-under-lock")]
+
+
 def test_a_plain_reindex_stops_reads_too_as_its_message_says(db_url: str) -> None:
     schema(db_url)
     with psycopg.connect(db_url) as reindex, psycopg.connect(db_url) as app:
@@ -1778,3 +1875,40 @@ def test_type_changes_are_judged_against_the_replayed_history(tmp_path: Path) ->
     for since in ("r006", "r012", "r020"):
         after = [(revision, rule) for revision, rule in expected if revision > since]
         assert rules(lint_at(tmp_path, since=since)) == after, since
+
+
+def test_a_type_change_that_drops_a_columns_collation_rebuilds_its_indexes(
+    tmp_path: Path, db_url: str
+) -> None:
+    # varchar(100) -> text is a relabel, but ALTER ... TYPE without COLLATE resets the column's
+    # collation to the default, and PostgreSQL rebuilds its indexes under ACCESS EXCLUSIVE.
+    with psycopg.connect(db_url) as conn:
+        conn.execute('CREATE TABLE x (s varchar(100) COLLATE "C", d varchar(100))')
+        conn.execute("CREATE INDEX ix_x_s ON x (s)")
+        conn.execute("CREATE INDEX ix_x_d ON x (d)")
+        files = "SELECT pg_relation_filenode('ix_x_s'), pg_relation_filenode('ix_x_d')"
+        before = conn.execute(files).fetchone()
+        conn.execute("ALTER TABLE x ALTER COLUMN s TYPE text, ALTER COLUMN d TYPE text")
+        after = conn.execute(files).fetchone()
+        conn.rollback()
+    assert before is not None and after is not None
+    assert before[0] != after[0] and before[1] == after[1]
+
+    root = new_project(tmp_path)
+    write_revision(
+        root,
+        "r002",
+        "r001",
+        'op.create_table("x", sa.Column("s", sa.String(100, collation="C")), '
+        'sa.Column("d", sa.String(100)))\n'
+        'op.create_index("ix_x_s", "x", ["s"])\nop.create_index("ix_x_d", "x", ["d"])',
+    )
+    write_revision(
+        root,
+        "r003",
+        "r002",
+        'op.alter_column("x", "s", type_=sa.Text)\nop.alter_column("x", "d", type_=sa.Text)',
+    )
+    report = lint_at(root)
+    assert rules(report) == [("r003", "column-type-change")]
+    assert 'x.s from varchar(100) COLLATE "C" to text, which resets' in report.findings[0].message

@@ -72,6 +72,23 @@ def test_a_helper_function_in_the_revision_is_the_line_inside_it(tmp_path: Path)
     assert finding.line == line_of(path, "op.create_index(")
 
 
+def test_each_statement_of_one_execute_is_at_its_line(tmp_path: Path) -> None:
+    """op.execute("A; B"): B is written by the same call as A, so it is at the same line."""
+    root = new_project(tmp_path)
+    path = write_revision(
+        root,
+        "r002",
+        "r001",
+        """
+        op.add_column("t", sa.Column("c", sa.Integer))
+        op.execute("UPDATE t SET c = 0; CREATE INDEX ix_t_b ON t (b)")
+        """,
+    )
+    report = lint_at(root)
+    assert rules(report) == [("r002", "backfill-under-lock"), ("r002", "index-not-concurrent")]
+    assert [f.line for f in report.findings] == [line_of(path, "UPDATE t")] * 2
+
+
 @pytest.mark.parametrize("env", ["stock", "cookbook"])
 def test_a_revision_that_fails_offline_names_its_file_and_line(tmp_path: Path, env: str) -> None:
     root = new_project(tmp_path, env=env)

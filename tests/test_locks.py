@@ -126,6 +126,12 @@ IN_TRANSACTION = [
     ("SELECT * FROM t JOIN s.q ON q.id = t.id", "SELECT"),
     ("SELECT * FROM t FOR UPDATE", "SELECT"),
     ("SELECT * FROM v", "SELECT"),
+    # A data-modifying WITH writes its target: ROW EXCLUSIVE, not the ACCESS SHARE of a read.
+    ("WITH d AS (DELETE FROM w RETURNING id) SELECT count(*) FROM d", "WITH ... DELETE ... SELECT"),
+    (
+        "WITH d AS (DELETE FROM w RETURNING id) INSERT INTO t (id, b) SELECT id, id FROM d",
+        "INSERT ... SELECT",
+    ),
     ("CREATE VIEW v2 AS SELECT * FROM t", "CREATE VIEW"),
     ("REFRESH MATERIALIZED VIEW mv", "REFRESH MATERIALIZED VIEW"),
     ("CREATE TRIGGER tr BEFORE INSERT ON t FOR EACH ROW EXECUTE FUNCTION trg()", "CREATE TRIGGER"),
@@ -138,6 +144,17 @@ IN_TRANSACTION = [
     ("CREATE TYPE mood AS ENUM ('ok')", "CREATE TYPE AS ENUM"),
     ("CREATE SCHEMA s2", "CREATE SCHEMA"),
     ("CREATE EXTENSION IF NOT EXISTS plpgsql", "CREATE EXTENSION"),
+    ("ALTER TABLE w SET SCHEMA s", "ALTER TABLE SET SCHEMA"),
+    ("CREATE RULE r AS ON INSERT TO w DO INSTEAD NOTHING", "CREATE RULE"),
+    ("CREATE POLICY p ON t USING (true)", "CREATE POLICY"),
+    ("CREATE STATISTICS st ON a, b FROM t", "CREATE STATISTICS"),
+    # A DO block takes what its own statements take.
+    (
+        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'fk') THEN "
+        "ALTER TABLE t ADD CONSTRAINT fk FOREIGN KEY (u_id) REFERENCES u (id); END IF; "
+        "UPDATE w SET id = id; END $$",
+        "DO",
+    ),
     ("GRANT SELECT ON t TO PUBLIC", "GrantStmt"),
 ]
 # Reading a view reads its tables (ACCESS SHARE), which the SQL does not name: not listed.

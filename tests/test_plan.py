@@ -582,3 +582,38 @@ def test_without_transactional_ddl_nothing_is_called_an_autocommit_block(
     text = run_plan(tmp_path, {"DATABASE_URL": db_url}).stdout
     assert "     outside a transaction\n" in text and "autocommit_block" not in text
     assert "note: env.py sets transactional_ddl=False" in text
+
+
+def test_findings_are_judged_against_what_the_applied_revisions_built(
+    app: Path, db_url: str
+) -> None:
+    # As `lint --since <current>`: the applied history says which table an index is on (so a
+    # backfill after REINDEX INDEX is under its SHARE lock) and a column's type (so varchar to
+    # text is a relabel, not an unknown type change).
+    write_revision(
+        app,
+        "r002",
+        "r001",
+        'op.add_column("leads", sa.Column("name", sa.String(100)))\n'
+        'op.create_index("ix_leads_name", "leads", ["name"])',
+    )
+    env = {"RUN_MIGRATIONS": "1", "DATABASE_URL": db_url}
+    assert cli(["run"], env, app).returncode == 0
+    write_revision(
+        app,
+        "r003",
+        "r002",
+        'op.execute("REINDEX INDEX ix_leads_name")\n'
+        'op.execute("UPDATE leads SET name = lower(name)")\n'
+        'op.alter_column("leads", "name", type_=sa.Text)',
+    )
+    code, document = as_json(app, {"DATABASE_URL": db_url})
+    assert code == 1
+    (revision,) = document["revisions"]
+    found = [(f["rule"], f["statement"]) for f in revision["findings"]]
+    assert found == [
+        ("reindex-not-concurrent", "REINDEX INDEX ix_leads_name"),
+        ("backfill-under-lock", "UPDATE leads SET name = lower(name)"),
+    ]
+    lint = cli(["lint", "--since", "r002", "--format", "json"], {}, app)
+    assert [(f["rule"], f["statement"]) for f in json.loads(lint.stdout)["findings"]] == found
