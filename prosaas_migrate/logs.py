@@ -507,12 +507,16 @@ def applying(revision: str, message: str | None) -> None:
     )
 
 
-def ran(revision: str, message: str | None) -> None:
+def ran(revision: str, message: str | None, *, committed: bool = False) -> None:
+    """A revision's upgrade() finished; `committed`: its transaction has committed too (with
+    transaction_per_migration, each revision's own, before the next one starts)."""
+    state = "committed (transaction_per_migration)" if committed else "not committed yet"
     _emit(
         "revision_ran",
-        [f"☑️ Ran revision {revision}{_message(message)}: not committed yet"],
+        [f"☑️ Ran revision {revision}{_message(message)}: {state}"],
         revision=revision,
         revision_message=message,
+        committed=committed,
     )
 
 

@@ -315,8 +315,10 @@ class _StepTracker:
         self.done = done
         self.on_step = on_step
         self._doc: str | None = None
+        self._context: MigrationContext | None = None
 
     def steps(self, rev: Any, context: MigrationContext) -> Iterator[MigrationStep]:
+        self._context = context
         table = (context.version_table_schema, context.version_table)
         self.done.states.append(VersionState(table, tuple(sorted(rev))))
         # Alembic pulls the next step only once the previous one ran without error.
@@ -329,10 +331,21 @@ class _StepTracker:
 
     def finish(self) -> None:
         if self.done.running is not None:
-            logs.ran(self.done.running, self._doc)
+            logs.ran(self.done.running, self._doc, committed=self._committed())
             self.done.ran.append(self.done.running)
             self.done.running = None
             self.on_step(None)
+
+    def _committed(self) -> bool:
+        """Whether the step that just ran is committed: Alembic pulls the next step only after
+        the step's own transaction block ended, and with transaction_per_migration that block
+        committed it. Asked of the connection, not of the option: an env.py transaction around
+        the run (connection.begin()) keeps the per-migration blocks from committing."""
+        context = self._context
+        if context is None or context.as_sql or not context.opts.get("transaction_per_migration"):
+            return False
+        connection = context.connection
+        return connection is not None and not connection.in_transaction()
 
 
 def describe(exc: BaseException, info: ConnInfo | None = None) -> str:

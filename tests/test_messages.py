@@ -116,3 +116,37 @@ def test_sigterm_in_an_autocommit_block_is_the_interruption(
     # what ran in the block committed as it ran; what ran before it, in the transaction, did
     # not: Alembic committed that at the block's start, so it stays too
     assert query(db_url, "SELECT to_regclass('early') IS NOT NULL")[0][0] is True
+
+
+@pytest.mark.parametrize("env", ["stock", "cookbook"])
+@pytest.mark.parametrize("per_migration", [True, False])
+def test_ran_says_committed_exactly_when_the_server_has_committed(
+    tmp_path: Path, db_url: str, env: str, per_migration: bool
+) -> None:
+    """Issue 15 point 13: with transaction_per_migration each revision commits before the next
+    starts; the line said "not committed yet" for it. Checked against the server: while r002
+    runs, r001's table is visible from another session exactly when the line says committed."""
+    import re
+
+    revisions = [
+        project.Revision("r001", sql=["CREATE TABLE first_one (id int)"]),
+        project.Revision("r002", sql=["SELECT pg_sleep(3)"]),
+    ]
+    project.create(tmp_path, revisions, env=env)
+    if per_migration:
+        env_py = tmp_path / "migrations" / "env.py"
+        text = re.sub(
+            r"connection=(connection|connectable), target_metadata=(None|target_metadata)",
+            r"connection=\1, target_metadata=\2, transaction_per_migration=True",
+            env_py.read_text(),
+        )
+        assert "transaction_per_migration=True" in text
+        env_py.write_text(text)
+    proc = Running(["run"], {"RUN_MIGRATIONS": "1", "DATABASE_URL": db_url}, tmp_path)
+    proc.wait_for("Applying revision r002")
+    visible = query(db_url, "SELECT to_regclass('first_one') IS NOT NULL")[0][0]
+    assert proc.finish() == 0, proc.stderr
+    (line,) = [text for text in proc.lines if text.startswith("☑️ Ran revision r001")]
+    assert visible is per_migration
+    state = "committed (transaction_per_migration)" if per_migration else "not committed yet"
+    assert line == f"☑️ Ran revision r001 (r001): {state}"
