@@ -17,6 +17,8 @@ from prosaas_migrate.monitor import _progress
 from tests import project
 from tests.conftest import Running, cli, lock_holders, query, version
 
+pytestmark = pytest.mark.majors  # its database tests run on each --pg-majors major
+
 SERVICE = ["sh", "-c", "echo service-started"]
 
 

@@ -19,6 +19,8 @@ from tests import project
 from tests.conftest import cli
 from tests.pgcluster import Cluster
 
+pytestmark = pytest.mark.majors  # its database tests run on each --pg-majors major
+
 PASSWORD = "right-horse-battery"
 HBA = """\
 local all all trust
@@ -32,8 +34,8 @@ host nopriv all 127.0.0.1/32 trust
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    server = Cluster()
+def cluster(pg_major: int) -> Iterator[Cluster]:
+    server = Cluster(major=pg_major)
     (server.data / "pg_hba.conf").write_text(HBA)
     server.start()
     with psycopg.connect(server.url(), autocommit=True) as conn:
