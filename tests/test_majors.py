@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import Server, query
+from tests.conftest import Server, Servers, query
 from tests.pgcluster import BINDIR, DEFAULT_MAJOR, bindir
 
 pytestmark = pytest.mark.majors
@@ -26,3 +26,17 @@ def test_the_default_major_is_the_machines_own() -> None:
 def test_an_unknown_major_says_which_are_known() -> None:
     with pytest.raises(RuntimeError, match=r"no PostgreSQL 99 server known \(known majors: "):
         bindir(99)
+
+
+@pytest.mark.parametrize(
+    ("ci", "outcome"), [("1", pytest.fail.Exception), ("", pytest.skip.Exception)]
+)
+def test_a_major_without_a_server_fails_in_ci_and_skips_elsewhere(
+    monkeypatch: pytest.MonkeyPatch, ci: str, outcome: type[BaseException]
+) -> None:
+    monkeypatch.setenv("CI", ci)
+    servers = Servers()
+    with pytest.raises(outcome, match="no PostgreSQL 99 server"):
+        servers.get(99)
+    with pytest.raises(outcome):  # and again for every later test of that major
+        servers.get(99)
