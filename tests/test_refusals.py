@@ -39,6 +39,7 @@ def cluster(pg_major: int) -> Iterator[Cluster]:
     (server.data / "pg_hba.conf").write_text(HBA)
     server.start()
     with psycopg.connect(server.url(), autocommit=True) as conn:
+        conn.execute("SET password_encryption = 'scram-sha-256'")  # 13's default is md5
         conn.execute(f"CREATE ROLE app LOGIN PASSWORD '{PASSWORD}'")
         conn.execute("CREATE ROLE nologin NOLOGIN")
         conn.execute("CREATE ROLE shunned LOGIN")
