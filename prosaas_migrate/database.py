@@ -18,6 +18,7 @@ from prosaas_migrate.errors import (
     ConnectionRejected,
     DatabaseError,
     DatabaseUnreachable,
+    ServerTooOld,
     SessionSettingRejected,
     TransactionPooling,
     VersionTableBusy,
@@ -150,12 +151,18 @@ def connect(
         allowed = min(max(deadline - clock(), _MIN_ATTEMPT_SECONDS), _ATTEMPT_TIMEOUT_SECONDS)
         try:
             with answering_within(allowed):
-                return psycopg.connect(
+                conn = psycopg.connect(
                     info.text,
                     autocommit=True,
                     connect_timeout=_ATTEMPT_TIMEOUT_SECONDS,
                     **_KEEPALIVES,
                 )
+            # libpq has the version from the startup reply: no query. 0 means it was not said.
+            server_version = conn.info.server_version
+            if 0 < server_version < ServerTooOld.OLDEST:
+                conn.close()
+                raise ServerTooOld(info.variable or "DATABASE_URL", info.display, server_version)
+            return conn
         except (psycopg.OperationalError, NoAnswer) as exc:
             reason = one_line(exc, info)
             if (meaning := permanent_refusal(exc)) is not None:

@@ -29,7 +29,8 @@ EXIT_MEANINGS = {
     "`MIGRATION_ON_LOCK_TIMEOUT=fail`",
     ExitCode.USAGE: "configuration or usage error (including a transaction-pooling URL for "
     "migrating, and a connection the server refuses for good: a wrong password, an unknown "
-    "database or role, a pg_hba.conf reject, an SSL mismatch)",
+    "database or role, a pg_hba.conf reject, an SSL mismatch; a server older than PostgreSQL "
+    "13)",
     ExitCode.UNREACHABLE: "database unreachable within the wait budget",
     ExitCode.NOT_AT_HEAD: "waited for the schema to reach head and it did not (opt-in wait)",
     ExitCode.NOT_EXECUTABLE: "command not executable",
@@ -133,6 +134,25 @@ class ConnectionRejected(MigrateError):
         super().__init__(
             f"{variable}: the connection to {url} was refused, and retrying cannot help "
             f"({meaning}): {reason}"
+        )
+
+
+class ServerTooOld(MigrateError):
+    """The server is older than the oldest major the tool is tested on: refused before any work."""
+
+    exit_code = ExitCode.USAGE
+    OLDEST = 130000  # server_version_num of PostgreSQL 13, the oldest the suite runs on
+
+    def __init__(self, variable: str, url: str, version_num: int) -> None:
+        self.variable = variable
+        self.url = url
+        self.version_num = version_num
+        if version_num >= 100000:
+            shown = f"{version_num // 10000}.{version_num % 10000}"
+        else:  # 9.6.24 is 90624
+            shown = f"{version_num // 10000}.{version_num // 100 % 100}.{version_num % 100}"
+        super().__init__(
+            f"{variable}: {url} is PostgreSQL {shown}; prosaas-migrate needs PostgreSQL 13 or newer"
         )
 
 

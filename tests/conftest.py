@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from prosaas_migrate.config import KNOWN_VARIABLES
-from tests.pgcluster import PGBOUNCER, Cluster, PgBouncer
+from tests.pgcluster import DEFAULT_MAJOR, PGBOUNCER, Cluster, PgBouncer
 
 # Our variables, and the ones that would change the tool's behaviour if the developer's shell
 # happened to set them (a password from the shell would let a password test pass).
@@ -46,18 +46,95 @@ class Server:
         return self.url(name)
 
 
+MAJORS_VARIABLE = "PROSAAS_PG_MAJORS"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--pg-majors",
+        default=os.environ.get(MAJORS_VARIABLE, str(DEFAULT_MAJOR)),
+        help=f"PostgreSQL majors for the tests marked `majors`, comma-separated (default "
+        f"${MAJORS_VARIABLE}, else {DEFAULT_MAJOR}); every other test runs on {DEFAULT_MAJOR}",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "majors: the database tests run once per --pg-majors major, ids [pgNN]"
+    )
+
+
+def requested_majors(config: pytest.Config) -> list[int]:
+    words = [w.strip() for w in str(config.getoption("--pg-majors")).split(",") if w.strip()]
+    if not words or not all(w.isdigit() for w in words):
+        raise pytest.UsageError(f"--pg-majors: majors like 15,16,18, not {words!r}")
+    return sorted({int(w) for w in words})
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A `majors` test that reaches the server runs once per major; an external server is one."""
+    if "pg_major" not in metafunc.fixturenames or not metafunc.definition.get_closest_marker(
+        "majors"
+    ):
+        return
+    if os.environ.get(EXTERNAL_URL_VARIABLE):
+        return
+    metafunc.parametrize(
+        "pg_major",
+        requested_majors(metafunc.config),
+        indirect=True,
+        scope="session",
+        ids=lambda major: f"pg{major}",
+    )
+
+
 @pytest.fixture(scope="session")
-def server() -> Iterator[Server]:
+def pg_major(request: pytest.FixtureRequest) -> int:
+    """The major this test runs on: its [pgNN] parameter, else the suite's default."""
+    return int(getattr(request, "param", DEFAULT_MAJOR))
+
+
+class Servers:
+    """One cluster per major, started on first use and kept for the session: switching between
+    majors (pytest groups the tests of each) costs nothing after the first start."""
+
+    def __init__(self) -> None:
+        self._started: dict[int, Server | str] = {}
+
+    def get(self, major: int) -> Server:
+        if major not in self._started:
+            try:
+                cluster = Cluster(major=major)
+                cluster.start()
+                self._started[major] = Server(cluster.url(), cluster)
+            except (RuntimeError, OSError) as error:
+                self._started[major] = f"no PostgreSQL {major} server: {error}"
+        found = self._started[major]
+        if isinstance(found, str):
+            skip_outside_ci(found)
+        return found
+
+    def destroy(self) -> None:
+        for found in self._started.values():
+            if isinstance(found, Server) and found.cluster is not None:
+                found.cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[Servers]:
+    pool = Servers()
+    try:
+        yield pool
+    finally:
+        pool.destroy()
+
+
+@pytest.fixture(scope="session")
+def server(servers: Servers, pg_major: int) -> Server:
     external = os.environ.get(EXTERNAL_URL_VARIABLE)
     if external:
-        yield Server(external, None)
-        return
-    cluster = Cluster()
-    cluster.start()
-    try:
-        yield Server(cluster.url(), cluster)
-    finally:
-        cluster.destroy()
+        return Server(external, None)
+    return servers.get(pg_major)
 
 
 def skip_outside_ci(reason: str) -> NoReturn:

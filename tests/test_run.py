@@ -29,6 +29,8 @@ from tests.conftest import (
 )
 from tests.pgcluster import Cluster
 
+pytestmark = pytest.mark.majors  # its database tests run on each --pg-majors major
+
 SERVICE = ["sh", "-c", "echo service-started pid=$$"]
 
 

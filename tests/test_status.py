@@ -139,6 +139,8 @@ def test_the_holder_is_named(app: Path, db_url: str) -> None:
     assert f"pid {pid} (prosaas-migrate:api-7)" in text
 
 
+pytestmark = pytest.mark.majors  # its database tests run on each --pg-majors major
+
 JSON_FIELDS = {
     "": {"version", "configuration", "alembic", "database", "revisions", "lock", "lint"},
     "configuration": {"settings", "run", "dotenv_error", "errors"},
