@@ -105,6 +105,7 @@ LINT_CATEGORIES: dict[str, str] = {
     "drop-table": "drop-table",
     "vacuum-full": "table-rewrite-command",
     "cluster": "table-rewrite-command",
+    "table-rewrite": "table-rewrite-command",
     "lock-table": "explicit-lock",
     "drop-index-not-concurrent": "drop-index-not-concurrent",
     "reindex-not-concurrent": "reindex-not-concurrent",

@@ -189,6 +189,14 @@ RULES: dict[str, Rule] = {
             "migrations",
         ),
         Rule(
+            "table-rewrite",
+            "ACCESS EXCLUSIVE",
+            "{detail} rewrites all of {table} while holding ACCESS EXCLUSIVE: its reads and "
+            "writes wait for the whole copy",
+            "do it outside a deploy, in a maintenance window (pg_repack moves a table to "
+            "another tablespace without the long lock)",
+        ),
+        Rule(
             "cluster",
             "ACCESS EXCLUSIVE",
             "CLUSTER rewrites {table} while holding ACCESS EXCLUSIVE",
@@ -975,6 +983,14 @@ class _Checker:
         if check is not None:
             check.validated = True
 
+    def _rewrite(self, statement: _Statement, relation: Any, command: Any) -> None:
+        what = {
+            AlterTableType.AT_SetTableSpace: f"SET TABLESPACE {command.name}",
+            AlterTableType.AT_SetLogged: "SET LOGGED",
+            AlterTableType.AT_SetUnLogged: "SET UNLOGGED",
+        }[command.subtype]
+        self._on_table("table-rewrite", statement, relation, detail=what)
+
     def _drop_constraint(self, _statement: _Statement, relation: Any, command: Any) -> None:
         self.checks.get(_table(relation), {}).pop(command.name, None)
 
@@ -986,6 +1002,9 @@ class _Checker:
         AlterTableType.AT_DropColumn: _drop_column,
         AlterTableType.AT_ValidateConstraint: _validate_constraint,
         AlterTableType.AT_DropConstraint: _drop_constraint,
+        AlterTableType.AT_SetTableSpace: _rewrite,
+        AlterTableType.AT_SetLogged: _rewrite,
+        AlterTableType.AT_SetUnLogged: _rewrite,
     }
 
     def _remember_check(self, table: _Table, constraint: Any, *, validated: bool) -> None:

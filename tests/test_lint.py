@@ -375,6 +375,15 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
     "cluster": [
         ("sql", 'op.execute("CLUSTER t USING ix_t_a")', 'op.execute("ANALYZE t")'),
     ],
+    "table-rewrite": [
+        ("sql", 'op.execute("ALTER TABLE t SET TABLESPACE pg_default")', 'op.execute("ANALYZE t")'),
+        ("sql-logged", 'op.execute("ALTER TABLE t SET UNLOGGED")', 'op.execute("VACUUM t")'),
+        (
+            "sql-new-table",
+            'op.execute("ALTER TABLE t SET LOGGED")',
+            'op.execute("CREATE TABLE n (id int)")\nop.execute("ALTER TABLE n SET UNLOGGED")',
+        ),
+    ],
     "lock-table": [
         (
             "sql",
@@ -477,6 +486,7 @@ def test_every_rule_has_cases() -> None:
             "lock-table",
             "syntax-error",
             "reindex-not-concurrent",
+            "table-rewrite",
         }
         assert styles == ({"sql"} if rule in no_op_for_it else {"op", "sql"}), rule
         assert table_rule or rule in {"concurrently-in-transaction", "syntax-error"}
@@ -1254,6 +1264,7 @@ LOCK_EXAMPLES = {
     "drop-column": ("ALTER TABLE t DROP COLUMN a", ["t"]),
     "drop-table": ("DROP TABLE w", ["w"]),
     "cluster": ("CLUSTER t USING ix_t_a", ["t"]),
+    "table-rewrite": ("ALTER TABLE t SET UNLOGGED", ["t"]),
     "lock-table": ("LOCK TABLE t", ["t"]),
     "required-column-without-default": ("ALTER TABLE w ADD COLUMN c int NOT NULL", ["w"]),
     "exclusion-constraint": (
