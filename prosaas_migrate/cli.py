@@ -197,12 +197,22 @@ def status(config_path: str | None, as_json: bool, check: bool) -> NoReturn:
         dotenv_names, dotenv_error = load_dotenv_file(os.environ, _dotenv_path()), None
     except DotenvUnreadable as exc:  # reported in its own section, like every other problem
         dotenv_names, dotenv_error = set(), str(exc)
-    report = report_status.gather(
-        os.environ,
-        dotenv_names=dotenv_names,
-        config_option=config_path,
-        dotenv_error=dotenv_error,
-    )
+    try:
+        report = report_status.gather(
+            os.environ,
+            dotenv_names=dotenv_names,
+            config_option=config_path,
+            dotenv_error=dotenv_error,
+        )
+    except Exception:
+        if not check:
+            raise
+        # A crash is not "pending": Python's own exit status for it, 1, would say so.
+        import traceback
+
+        traceback.print_exc()
+        logs.error("status could not finish (the traceback above is a bug): could not tell")
+        sys.exit(CheckCode.UNKNOWN)
     if as_json:
         click.echo(report_status.render_json(report))
     else:

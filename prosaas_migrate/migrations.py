@@ -26,7 +26,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import Pool, StaticPool
 
-from prosaas_migrate import database, logs
+from prosaas_migrate import compat, database, logs
 from prosaas_migrate.conninfo import ConnInfo, scrub, sqlalchemy_url
 from prosaas_migrate.errors import (
     ConfigError,
@@ -90,7 +90,7 @@ class Upgrade:
 def load_config(project: Project, info: ConnInfo | None, engines: dict[str, ConnInfo]) -> Config:
     """Alembic's Config for the project, with the URL(s) to migrate with, in psycopg 3 form."""
     ini = project.ini_path if os.path.isfile(project.ini_path) else None
-    cfg = Config(file_=ini, toml_file=project.toml_path)
+    cfg = compat.new_config(ini, project.toml_path)
     if info is not None:
         cfg.set_main_option("sqlalchemy.url", _ini_escape(sqlalchemy_url(info)))
     for name, engine in engines.items():
@@ -107,7 +107,7 @@ def script_directory(cfg: Config) -> ScriptDirectory:
     try:
         script = ScriptDirectory.from_config(cfg)
     except Exception as exc:  # CommandError, or a malformed [tool.alembic] value (TypeError)
-        where = cfg.config_file_name or cfg.toml_file_name
+        where = compat.config_file_name(cfg)
         raise ConfigError(
             "ALEMBIC_CONFIG", where, f"a usable Alembic config ({describe(exc)})"
         ) from None
@@ -368,7 +368,7 @@ def _project_folders(script: ScriptDirectory) -> list[str]:
     from alembic.util import coerce_resource_to_filename  # "package:folder" too, as Alembic
 
     folders = [script.dir]
-    for location in script.version_locations:
+    for location in script.version_locations or [script.versions]:  # None before Alembic 1.16
         try:
             folders.append(os.fspath(coerce_resource_to_filename(location)))
         except Exception:  # what Alembic itself could not resolve cannot hold a revision

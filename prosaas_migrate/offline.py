@@ -28,6 +28,7 @@ from alembic.script import Script, ScriptDirectory
 from sqlalchemy import event
 from sqlalchemy.engine import Dialect
 
+from prosaas_migrate import compat
 from prosaas_migrate.errors import ConfigError, RevisionsUnreadable
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ def load_script_directory(project: Project, variable: str) -> tuple[Config, Scri
     every file the history is unknown.
     """
     ini_path = project.ini_path if os.path.isfile(project.ini_path) else None
-    cfg = Config(file_=ini_path, toml_file=project.toml_path)
+    cfg = compat.new_config(ini_path, project.toml_path)
     cfg.set_main_option("sqlalchemy.url", OFFLINE_URL)
     try:
         _check_toml_types(cfg, project.toml_path)

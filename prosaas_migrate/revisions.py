@@ -18,6 +18,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prosaas_migrate import compat
 from prosaas_migrate.errors import ConfigError
 
 # Alembic's own filter for revision files (script/base.py, _only_source_rev_file).
@@ -79,6 +80,16 @@ def read_project(config_path: str, source: str) -> Project:
         ini_path, toml_path = config_path, TOML_NAME
     toml = _read_toml(toml_path, variable)
     ini = _read_ini(ini_path, variable) if os.path.isfile(ini_path) else None
+    if toml is not None and not compat.reads_pyproject():
+        if ini is None:  # Alembic before 1.16 would not see this project at all
+            raise ConfigError(
+                variable,
+                config_path,
+                f"an alembic.ini ([tool.alembic] in {toml_path} needs Alembic "
+                f"{'.'.join(map(str, compat.PYPROJECT_SINCE))} or newer; this environment has "
+                f"{compat.alembic_version_text()})",
+            )
+        toml = None  # ignored by this Alembic, so here too
     if ini is None and toml is None:
         raise ConfigError(
             variable,

@@ -88,3 +88,38 @@ PY
   touch "$stamp"
   step "installed $count packages in $((SECONDS - started)) s"
 }
+
+# ensure_lowest_venv: .venv-min, prosaas-migrate (editable) with every runtime requirement at
+# exactly the minimum pyproject.toml declares (`>=X` installed as `==X`), so the suite tests
+# both ends of each range; pytest and hypothesis as the test extra declares them.
+ensure_lowest_venv() {
+  local python="${PYTHON:-python3}" venv=.venv-min
+  if [ ! -x "$venv/bin/python" ]; then
+    step "creating $venv (python -m venv)"
+    "$python" -m venv "$venv"
+  fi
+  local sum stamp
+  sum=$(cksum < pyproject.toml | cut -d' ' -f1)
+  stamp=$venv/.installed-lowest-$sum
+  if [ -f "$stamp" ]; then
+    return
+  fi
+  "$python" - > "$venv/requirements.txt" <<'PY'
+import re, sys, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+for requirement in project["dependencies"]:
+    found = re.fullmatch(r"([A-Za-z0-9_.-]+(?:\[[^\]]*\])?)>=([0-9.]+)", requirement)
+    if not found:
+        sys.exit(f"pyproject.toml: {requirement!r} declares no minimum (name>=X)")
+    print(f"{found[1]}=={found[2]}")
+for requirement in project["optional-dependencies"]["test"]:
+    if re.match(r"(pytest|hypothesis)\b", requirement):
+        print(requirement)
+PY
+  step "installing prosaas-migrate into $venv at its declared minimums: $(paste -sd' ' "$venv/requirements.txt")"
+  local started=$SECONDS
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$venv/requirements.txt" -e .
+  rm -f "$venv"/.installed-*
+  touch "$stamp"
+  step "installed in $((SECONDS - started)) s"
+}

@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 from urllib.parse import quote
 
+import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -375,7 +376,10 @@ def test_secrets_hold_every_password_like_value_in_the_forms_sqlalchemy_writes()
 
 def test_a_refusal_never_quotes_a_fragment_of_the_string() -> None:
     # libpq quotes the fragment it choked on; it may hold quotes, or be a password's tail.
-    for text in ['postgresql://u:Zq9"a b"c@h/db', "host=h password=Zq9a Zq9b=c"]:
+    texts = ["host=h password=Zq9a Zq9b=c"]
+    if psycopg.pq.version() >= 170000:  # an older libpq (psycopg-binary 3.1) takes URL blanks
+        texts.append('postgresql://u:Zq9"a b"c@h/db')
+    for text in texts:
         with pytest.raises(ConfigError) as caught:
             conninfo.parse("DATABASE_URL", text)
         assert MARKER not in str(caught.value), str(caught.value)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from prosaas_migrate import migrations, revisions
+from prosaas_migrate import compat, migrations, revisions
 from prosaas_migrate.errors import ConfigError
 from tests import project
 
@@ -170,3 +170,22 @@ def test_a_bad_ini_is_a_config_error_naming_its_origin(
     with pytest.raises(ConfigError, match=expected) as caught:
         revisions.read_project(str(ini_path), "--config")
     assert caught.value.variable == "--config"
+
+
+def test_an_alembic_before_1_16_reads_no_tool_alembic_and_neither_does_the_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """[tool.alembic] came with Alembic 1.16: on an older one (the declared minimum is 1.12), a
+    pyproject-only project is one config error, and beside an ini the table is ignored."""
+    monkeypatch.setattr(compat, "alembic_version", lambda: (1, 12, 0))
+    monkeypatch.chdir(tmp_path)
+    Path("pyproject.toml").write_text('[tool.alembic]\nscript_location = "migrations"\n')
+    expected = r"\[tool.alembic\] in pyproject.toml needs Alembic 1.16 or newer; .* has 1.12.0"
+    with pytest.raises(ConfigError, match=expected) as raised:
+        revisions.read_project("pyproject.toml", "default")
+    assert raised.value.variable == "ALEMBIC_CONFIG"
+    Path("alembic.ini").write_text("[alembic]\nscript_location = elsewhere\n")
+    found = revisions.read_project("alembic.ini", "default")
+    assert (found.toml_path, found.script_location) == (None, "elsewhere")
+    cfg = compat.new_config(found.ini_path, "pyproject.toml")
+    assert getattr(cfg, "toml_file_name", None) is None  # not handed to a newer Alembic either

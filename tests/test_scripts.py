@@ -148,11 +148,11 @@ class Checkout:
             "PROSAAS_TEST_DATABASE_URL": "postgresql://unused@127.0.0.1/postgres",
         }
 
-    def run(self, script: str) -> tuple[list[str], str]:
+    def run(self, script: str, *args: str) -> tuple[list[str], str]:
         """Run scripts/<script>; return what the stand-ins were asked, and stderr."""
         self.log.write_text("")
         result = subprocess.run(
-            [str(self.root / "scripts" / script)],
+            [str(self.root / "scripts" / script), *args],
             env=self.env,
             capture_output=True,
             text=True,
@@ -192,10 +192,12 @@ def test_demo_installs_its_extra_once_and_test_installs_the_test_tools_after_it(
     assert "==" not in stderr
 
     log, _ = checkout.run("test")  # the demo's install does not satisfy the suite
-    assert pip_installs(log) == [".[test]"]
+    assert pip_installs(log) == [".[test]", "."]  # then .venv-min, at the declared minimums
     assert [line.split()[0] for line in log[1:]] == [
-        "ruff", "ruff", "mypy", "shellcheck", "hadolint", "pytest",
+        "ruff", "ruff", "mypy", "shellcheck", "hadolint", "pytest", "venv", "pip", "pytest",
     ]  # fmt: skip
+    assert log[-3] == "venv .venv-min"
+    assert log[-1].startswith("pytest -p no:cacheprovider tests/test_versions.py ")
 
     assert pip_installs(checkout.run("test")[0]) == []
     assert pip_installs(checkout.run("demo")[0]) == []  # the suite's install serves the demo
@@ -203,8 +205,33 @@ def test_demo_installs_its_extra_once_and_test_installs_the_test_tools_after_it(
     with (checkout.root / "pyproject.toml").open("a") as file:
         file.write("# changed\n")
     assert pip_installs(checkout.run("demo")[0]) == [".[demo]"]
-    assert pip_installs(checkout.run("test")[0]) == [".[test]"]
+    assert pip_installs(checkout.run("test")[0]) == [".[test]", "."]
     assert pip_installs(checkout.run("demo")[0]) == []
+
+
+def test_the_lowest_versions_run_installs_exactly_the_declared_minimums(tmp_path: Path) -> None:
+    checkout = Checkout(tmp_path)
+    _, stderr = checkout.run("test")
+    pinned = (checkout.root / ".venv-min" / "requirements.txt").read_text().splitlines()
+    assert pinned[: len(PROJECT["dependencies"])] == [
+        requirement.replace(">=", "==") for requirement in PROJECT["dependencies"]
+    ]
+    assert {name(r) for r in pinned[len(PROJECT["dependencies"]) :]} == {"pytest", "hypothesis"}
+    assert "== installing prosaas-migrate into .venv-min at its declared minimums: click==" in (
+        stderr
+    )
+    assert "PROSAAS_LOWEST_VERSIONS" in (checkout.root / "scripts" / "test").read_text()
+
+
+def test_pytest_arguments_skip_the_lowest_versions_run_unless_asked(tmp_path: Path) -> None:
+    checkout = Checkout(tmp_path)
+    log, _ = checkout.run("test", "-k", "lock")
+    assert log[-1] == "pytest -k lock" and not (checkout.root / ".venv-min").exists()
+    checkout.env["PROSAAS_TEST_LOWEST"] = "1"
+    log, _ = checkout.run("test", "-k", "lock")
+    assert [line.split()[0] for line in log[-4:]] == ["pytest", "venv", "pip", "pytest"]
+    assert log[-4] == "pytest -k lock"
+    assert log[-1].startswith("pytest -p no:cacheprovider") and log[-1].endswith(" -k lock")
 
 
 @pytest.mark.parametrize("extra", ["demo", "test"])
@@ -228,4 +255,5 @@ def test_a_failed_install_leaves_no_stamp(tmp_path: Path, extra: str) -> None:
     assert result.returncode == 1, result.stderr
     assert "ERROR: no such package" in result.stderr
     broken.write_text(working)
-    assert pip_installs(checkout.run(extra)[0]) == [f".[{extra}]"]
+    lowest = ["."] if extra == "test" else []  # the suite also installs .venv-min again
+    assert pip_installs(checkout.run(extra)[0]) == [f".[{extra}]", *lowest]

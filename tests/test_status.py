@@ -324,3 +324,22 @@ def test_status_warns_of_a_pooler_that_run_refuses(
         assert report["database"]["pooler"] is None
         assert not re.search(r"^ +pooler ", result.stdout, re.MULTILINE)
     assert version(db_url) == []
+
+
+def test_a_crash_is_never_read_as_pending(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected error (a dependency older than the code expects, a bug) must not exit 1,
+    which `--check` means as "migrations are pending": it exits 3, "could not tell"."""
+    from click.testing import CliRunner
+
+    from prosaas_migrate import status as report_status
+    from prosaas_migrate.cli import main
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise TypeError("Config.__init__() got an unexpected keyword argument 'toml_file'")
+
+    monkeypatch.setattr(report_status, "gather", crash)
+    result = CliRunner().invoke(main, ["status", "--check"], env={"DATABASE_URL": ""})
+    assert result.exit_code == 3, result.output
+    assert "status could not finish" in result.output
+    unchecked = CliRunner().invoke(main, ["status"], env={"DATABASE_URL": ""})
+    assert isinstance(unchecked.exception, TypeError)  # without --check: Python's own traceback

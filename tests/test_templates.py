@@ -16,12 +16,17 @@ import pytest
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
-from prosaas_migrate import config
+from prosaas_migrate import compat, config
 from tests.conftest import Server, cli, query
 
 ALEMBIC = Path(sys.executable).parent / "alembic"
 SERVICE = ["sh", "-c", "echo service-started"]
-SINGLE_DB = ["generic", "async", "pyproject", "pyproject_async"]
+# [tool.alembic] and its templates came with Alembic 1.16; the declared minimum is older.
+PYPROJECT = ["pyproject", "pyproject_async"] if compat.reads_pyproject() else []
+SINGLE_DB = ["generic", "async", *PYPROJECT]
+needs_pyproject = pytest.mark.skipif(
+    not compat.reads_pyproject(), reason="Alembic before 1.16 has no [tool.alembic]"
+)
 
 
 def installed_templates() -> list[str]:
@@ -50,12 +55,13 @@ def revision(root: Path, rev_id: str, body: str, *, down: str | None = None, **o
     path = next((root / "migrations" / "versions").rglob(f"{rev_id}_*.py"))
     code = "\n".join(f"    op.execute({line!r})" for line in body.splitlines())
     source = path.read_text()
-    source = re.sub(
-        r'(def upgrade\(\) -> None:\n    """Upgrade schema."""\n)    pass\n',
+    source, filled = re.subn(  # the docstring came with Alembic 1.15
+        r'(def upgrade\(\) -> None:\n(?:    """Upgrade schema."""\n)?)    pass\n',
         lambda m: m.group(1) + code + "\n",
         source,
         count=1,
     )
+    assert filled == 1, source
     path.write_text(source)
     return path
 
@@ -121,6 +127,7 @@ def test_each_template_migrates_with_just_database_url(
     assert ran(db_url) == ["r001", "r002"]
 
 
+@needs_pyproject
 def test_a_recursive_version_location_in_pyproject_is_never_missed(
     tmp_path: Path, db_url: str
 ) -> None:
@@ -144,6 +151,7 @@ def test_a_recursive_version_location_in_pyproject_is_never_missed(
     assert ran(db_url) == ["r001", "r002"]
 
 
+@needs_pyproject
 def test_a_project_with_only_pyproject_toml(tmp_path: Path, db_url: str) -> None:
     root = init(tmp_path, "pyproject")
     (root / "alembic.ini").unlink()  # [tool.alembic] alone is a whole configuration
@@ -153,6 +161,26 @@ def test_a_project_with_only_pyproject_toml(tmp_path: Path, db_url: str) -> None
     assert ran(db_url) == ["r001"]
     result = run(root, db_url, ALEMBIC_CONFIG="pyproject.toml")
     assert "Schema is current at r001" in result.stderr
+
+
+@pytest.mark.skipif(compat.reads_pyproject(), reason="this Alembic reads [tool.alembic]")
+def test_a_pyproject_only_project_on_an_older_alembic_is_one_config_line(
+    tmp_path: Path, db_url: str
+) -> None:
+    # Alembic before 1.16 never reads [tool.alembic]: such a project is a configuration error
+    # for every command (not a traceback that `status --check` would read as "pending").
+    root = init(tmp_path, "generic")
+    (root / "alembic.ini").unlink()
+    (root / "pyproject.toml").write_text('[tool.alembic]\nscript_location = "migrations"\n')
+    env = {"RUN_MIGRATIONS": "1", "DATABASE_URL": db_url, "ALEMBIC_CONFIG": "pyproject.toml"}
+    for args in (["run", "--", *SERVICE], ["status", "--check"], ["lint"]):
+        result = cli(args, env, root)
+        assert result.returncode == 2, (args, result.stderr)
+        said = result.stdout + result.stderr  # status reports on stdout
+        assert "Traceback" not in said
+        line = "[tool.alembic] in pyproject.toml needs Alembic 1.16 or newer; this environment"
+        assert "ALEMBIC_CONFIG" in said and line in said, said
+    assert "service-started" not in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -246,6 +274,9 @@ def test_multidb_with_real_urls_migrates_every_database(tmp_path: Path, server: 
         source = source.replace(
             f'def upgrade_{engine}() -> None:\n    """Upgrade {engine} schema."""\n    pass\n',
             f'def upgrade_{engine}() -> None:\n    op.execute("CREATE TABLE {table} (id int)")\n',
+        ).replace(  # before Alembic 1.15, without the docstring
+            f"def upgrade_{engine}() -> None:\n    pass\n",
+            f'def upgrade_{engine}() -> None:\n    op.execute("CREATE TABLE {table} (id int)")\n',
         )
     path.write_text(source)
     result = run(root, lock_db)
@@ -257,5 +288,6 @@ def test_multidb_with_real_urls_migrates_every_database(tmp_path: Path, server: 
     again = run(root, lock_db)
     assert "Schema is current at r001" in again.stderr, again.stderr
     # Alembic itself agrees that every database is at head.
-    script = ScriptDirectory.from_config(Config(str(ini)))
-    assert script.get_heads() == ["r001"]
+    alembic_cfg = Config(str(ini))  # before 1.16 the template's location is not %(here)s-based
+    alembic_cfg.set_main_option("script_location", str(root / "migrations"))
+    assert ScriptDirectory.from_config(alembic_cfg).get_heads() == ["r001"]
