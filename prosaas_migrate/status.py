@@ -45,6 +45,9 @@ def gather(
     report["database"], conn = _database(settings, bad, reader, config.url_variable(environ))
     try:
         report["revisions"], table = _revisions(conn, reader)
+        report["revisions"]["invalid_indexes"] = _invalid_indexes(
+            conn, reader.alembic[1] if reader is not None else None, report["revisions"]
+        )
         report["lock"] = _lock(conn, settings, bad, table)
     finally:
         if conn is not None:
@@ -276,6 +279,59 @@ def _revisions(conn: Any, reader: Reader | None) -> tuple[dict[str, Any], Any]:
     return section, position.table
 
 
+# Invalid indexes (what a failed or interrupted CREATE INDEX CONCURRENTLY leaves) on the given
+# tables, each named as the rendered SQL names it (schema or NULL for the search_path).
+_INVALID_INDEXES_SQL = """
+SELECT i.indexrelid::regclass::text, i.indrelid::regclass::text
+  FROM pg_index i
+ WHERE NOT i.indisvalid
+   AND i.indrelid IN (
+       SELECT to_regclass(CASE WHEN s IS NULL THEN quote_ident(t)
+                               ELSE quote_ident(s) || '.' || quote_ident(t) END)
+         FROM unnest(%s::text[], %s::text[]) AS n(s, t))
+ ORDER BY 2, 1
+"""
+
+
+def _invalid_indexes(
+    conn: Any, script: Any, revisions: Mapping[str, Any]
+) -> list[dict[str, str]] | None:
+    """Invalid indexes on the tables the pending revisions touch (a failed concurrent build
+    left them: the next start drops and rebuilds one it builds); None when it cannot tell."""
+    if conn is None or script is None or not revisions["pending"]:
+        return None if revisions["pending"] is None else []
+    import psycopg
+
+    from prosaas_migrate import database, lint, locks, offline
+
+    try:
+        selected = [script.get_revision(item["revision"]) for item in revisions["pending"]]
+        rendering = offline.render(
+            None, script, [s for s in selected if s], starting_heads=revisions["current"]
+        )
+        tables = {
+            (lock.schema, lock.table)
+            for statement in lint.statements(rendering)
+            if statement.node is not None and statement.revision is not None
+            for lock in locks.statement_locks(statement.node).locks
+            if lock.relkind == locks.TABLE
+        }
+        if not tables:
+            return []
+        schemas, names = (
+            [s for s, _ in sorted(tables, key=str)],
+            [t for _, t in sorted(tables, key=str)],
+        )
+        with (
+            database.answering_within(READ_TIMEOUT_MS / 1000 + 1),
+            database.bounded(conn, READ_TIMEOUT_MS),
+        ):
+            rows = conn.execute(_INVALID_INDEXES_SQL, [schemas, names]).fetchall()
+    except (psycopg.Error, database.NoAnswer, MigrateError):
+        return None
+    return [{"index": str(index), "table": str(table)} for index, table in rows]
+
+
 def _lock(
     conn: Any, settings: config.Settings, bad: Mapping[str, ConfigError], table: Any
 ) -> dict[str, Any]:
@@ -425,6 +481,14 @@ def render_text(report: Mapping[str, Any], *, style: Callable[..., str]) -> str:
             out.append(
                 f"    {item['revision']:<{label_width - 2}} {item['message'] or ''}".rstrip()
             )
+    for invalid in revisions.get("invalid_indexes") or ():
+        row(
+            "invalid index",
+            warn(
+                f"{invalid['index']} on {invalid['table']} (a failed concurrent build left it; "
+                "run drops it before building it again)"
+            ),
+        )
 
     lock = report["lock"]
     heading("Lock")

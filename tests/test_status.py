@@ -148,7 +148,7 @@ JSON_FIELDS = {
     "configuration.settings[]": {"name", "value", "source", "error", "note", "meaning"},
     "alembic": {"config", "config_source", "script_location", "fast_path", "error"},
     "database": {"reachable", "url", "url_source", "server_version", "pooler", "rejected", "error"},
-    "revisions": {"current", "heads", "pending", "at_head", "unknown", "error"},
+    "revisions": {"current", "heads", "pending", "at_head", "unknown", "invalid_indexes", "error"},
     "revisions.pending[]": {"revision", "message"},
     "lock": {"key", "key_source", "held", "holder", "error"},
     "lock.holder": {
@@ -343,3 +343,23 @@ def test_a_crash_is_never_read_as_pending(monkeypatch: pytest.MonkeyPatch) -> No
     assert "status could not finish" in result.output
     unchecked = CliRunner().invoke(main, ["status"], env={"DATABASE_URL": ""})
     assert isinstance(unchecked.exception, TypeError)  # without --check: Python's own traceback
+
+
+def test_invalid_indexes_on_the_tables_pending_revisions_touch_are_listed(
+    tmp_path: Path, db_url: str
+) -> None:
+    """Issue 16 point 2: what a failed concurrent build left, where the deploy will work."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for table in ("leads", "other"):
+            conn.execute(f"CREATE TABLE {table} (email text)")
+            conn.execute(f"INSERT INTO {table} VALUES ('a'), ('a')")
+            with pytest.raises(psycopg.errors.UniqueViolation):  # leaves an invalid index
+                conn.execute(f"CREATE UNIQUE INDEX CONCURRENTLY ix_{table} ON {table} (email)")
+    revisions = [project.Revision("r001", sql=["ALTER TABLE leads ADD COLUMN source text"])]
+    project.create(tmp_path, revisions)
+    result = status(tmp_path, {"DATABASE_URL": db_url}, "--json")
+    report = json.loads(result.stdout)
+    assert report["revisions"]["invalid_indexes"] == [{"index": "ix_leads", "table": "leads"}]
+    text = status(tmp_path, {"DATABASE_URL": db_url}).stdout
+    assert re.search(r"^  invalid index +ix_leads on leads \(a failed concurrent build", text, re.M)
+    assert "ix_other" not in text  # a table the deploy does not touch
