@@ -1027,13 +1027,7 @@ class _Checker:
     def _rename(self, statement: _Statement) -> None:
         node = statement.node
         if node.renameType == ObjectType.OBJECT_TABLE:
-            old, new = _table(node.relation), (_table(node.relation)[0], node.newname)
-            if old in self.checks:
-                self.checks[new] = self.checks.pop(old)
-            if self._is_new(node.relation):
-                self.created.add(new)
-            else:
-                self._report("rename-table", statement.text, table=_name(node.relation))
+            self._move_table(statement, node.relation, (_table(node.relation)[0], node.newname))
         elif (
             node.renameType == ObjectType.OBJECT_COLUMN
             and node.relationType == ObjectType.OBJECT_TABLE
@@ -1054,13 +1048,18 @@ class _Checker:
         node = statement.node
         if node.objectType != ObjectType.OBJECT_TABLE or node.relation is None:
             return
-        old, new = _table(node.relation), (str(node.newschema), node.relation.relname)
+        self._move_table(statement, node.relation, (str(node.newschema), node.relation.relname))
+
+    def _move_table(self, statement: _Statement, relation: Any, new: _Table) -> None:
+        """A table renamed or moved to another schema: its checks follow it; for the running
+        image's queries it is a rename (unless this revision created it)."""
+        old = _table(relation)
         if old in self.checks:
             self.checks[new] = self.checks.pop(old)
-        if self._is_new(node.relation):
+        if self._is_new(relation):
             self.created.add(new)
         else:
-            self._report("rename-table", statement.text, table=_name(node.relation))
+            self._report("rename-table", statement.text, table=_name(relation))
 
     def _drop(self, statement: _Statement) -> None:
         node = statement.node
