@@ -10,6 +10,7 @@ it. Like migrations.py, this module imports Alembic; unlike it, it never connect
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import io
 import json
@@ -406,8 +407,10 @@ class _Feeder:
             return [Chunk(text, session_start=True, resumed=self.resumed)]
         out = [Chunk(text[: self.starts[0]], session_start=True, resumed=self.resumed)]
         bounds = [*self.starts[1:], self.end if self.end is not None else len(text)]
+        offsets = [at for at, _line in self.lines]  # in order: the buffer only grows
         for revision, start, stop in zip(self.done, self.starts, bounds, strict=False):
-            lines = tuple((at - start, line) for at, line in self.lines if start <= at < stop)
+            first, last = bisect.bisect_left(offsets, start), bisect.bisect_left(offsets, stop)
+            lines = tuple((at - start, line) for at, line in self.lines[first:last])
             out.append(Chunk(text[start:stop], revision, lines=lines))
         if failure is not None and self.current is not None:
             self.heads = _apply(self.heads, self.current)
